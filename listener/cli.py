@@ -54,6 +54,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection and logging")
@@ -187,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="batches in flight, queue depth, oldest waiting",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--watch",
+        type=_interval,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until interrupted; in place on a "
+        "terminal, one report after another when piped",
+    )
 
     verbs.add_parser(
         "demo",
@@ -314,7 +331,8 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from listener.status import print_status
 
-    code: int = print_status(resolve_dsn(args), as_json=args.json)
+    watch = False if args.watch is None else args.watch
+    code: int = print_status(resolve_dsn(args), as_json=args.json, watch=watch)
     return code
 
 
