@@ -205,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
         "terminal, one report after another when piped",
     )
 
+    check = verbs.add_parser(
+        "check",
+        parents=[common],
+        help="report every violation of the invariants; exit 1 if there is one",
+    )
+    check.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=ProcessingSettings().max_attempts,
+        help="attempts a document may have started (default: %(default)s)",
+    )
+    check.add_argument(
+        "--lease-grace",
+        type=_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long past its expiry a lease may wait for a sweep (default: 120)",
+    )
+    check.add_argument(
+        "--ignore-usage-excess",
+        action="store_true",
+        help="do not report usage above the completed documents (usage raised by hand)",
+    )
+
     verbs.add_parser(
         "demo",
         parents=[common],
@@ -336,6 +360,24 @@ def _status(args: argparse.Namespace) -> int:
     return code
 
 
+def _check(args: argparse.Namespace) -> int:
+    from listener.check import find_violations
+
+    findings = find_violations(
+        resolve_dsn(args),
+        max_attempts=args.max_attempts,
+        lease_grace=args.lease_grace,
+        report_usage_excess=not args.ignore_usage_excess,
+    )
+    for finding in findings:
+        print(finding.describe())
+    if findings:
+        print(f"check: {len(findings)} violations", file=sys.stderr)
+        return 1
+    print("check: clean")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from listener.demo import run_demo
 
@@ -348,6 +390,7 @@ _VERBS = {
     "sweep": _sweep,
     "run": _run,
     "status": _status,
+    "check": _check,
     "demo": _demo,
 }
 
