@@ -44,13 +44,15 @@ def connect_sync(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
         raise _unavailable(dsn, exc) from exc
 
 
-async def connect(dsn: str) -> psycopg.AsyncConnection[tuple[Any, ...]]:
-    """Open an autocommit async connection.
+async def connect(dsn: str, **options: Any) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+    """Open an autocommit async connection; options override connection parameters.
 
     :raises DatabaseUnavailable: the server is unreachable or refuses us.
     """
     try:
-        return await psycopg.AsyncConnection.connect(dsn, **_connect_kwargs())
+        return await psycopg.AsyncConnection.connect(
+            dsn, **{**_connect_kwargs(), **options}
+        )
     except psycopg.Error as exc:
         raise _unavailable(dsn, exc) from exc
 
