@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 # One statement, so the batch and its documents commit together and the
 # counting trigger sees them all at once. Counters are the database's own.
@@ -104,3 +105,93 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+# Where the test extractors live, for `--extractor extractors_for_tests:NAME`.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def extractor_env(record_path: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Return the env for run_cli that makes `extractors_for_tests` importable.
+
+    With `record_path`, the recording test extractors append their calls to it.
+    """
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")])
+        )
+    }
+    if record_path is not None:
+        env["LISTENER_TEST_RECORD"] = str(record_path)
+    return env
+
+
+def recorded_calls(record_path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """Return the (document id, attempt) calls a recording extractor appended."""
+    if not os.path.exists(record_path):
+        return []
+    with open(record_path, encoding="utf-8") as lines:
+        return [(doc, int(attempt)) for doc, attempt in map(str.split, lines)]
+
+
+def add_document(
+    conn: psycopg.Connection[Any],
+    batch_id: uuid.UUID,
+    content: bytes | None = b"hello world",
+    file_name: str = "extra.bin",
+) -> uuid.UUID:
+    """Insert one more document into a batch, as its batch's user; return its id."""
+    row = conn.execute(
+        "INSERT INTO documents (batch_id, user_id, file_name, content)"
+        " SELECT id, user_id, %s, %s FROM extraction_batches WHERE id = %s"
+        " RETURNING id",
+        (file_name, content, batch_id),
+    ).fetchone()
+    assert row is not None
+    document_id = row[0]
+    assert isinstance(document_id, uuid.UUID)
+    return document_id
+
+
+def claim(
+    conn: psycopg.Connection[Any],
+    worker: str = "w1",
+    max_docs: int = 100,
+    lease_seconds: float = 60,
+    batch_id: uuid.UUID | None = None,
+) -> list[dict[str, Any]]:
+    """Call claim_batch and return its rows as dicts."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT * FROM claim_batch(%s, %s, %s, %s)",
+            (worker, max_docs, lease_seconds, batch_id),
+        ).fetchall()
+
+
+def finish(
+    conn: psycopg.Connection[Any],
+    claimed: list[dict[str, Any]],
+    outcome: str = "completed",
+    *,
+    result: object = None,
+    error: str | None = None,
+    max_attempts: int = 3,
+    retry_delay: float = 0,
+    retry_cap: float = 300,
+) -> list[dict[str, Any]]:
+    """Call finish_documents with one outcome for every claimed row."""
+    results = [result if result is not None else {"ok": True}] * len(claimed)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT * FROM finish_documents(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                [c["document_id"] for c in claimed],
+                [c["lease_token"] for c in claimed],
+                [outcome] * len(claimed),
+                Jsonb(results),
+                [error] * len(claimed),
+                max_attempts,
+                retry_delay,
+                retry_cap,
+            ),
+        ).fetchall()
