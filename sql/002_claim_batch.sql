@@ -74,11 +74,14 @@ $$;
 -- quota are failed here, without ever reaching an extractor; documents in
 -- flight count against the quota, so concurrent claims cannot overshoot it;
 -- documents that only in-flight ones keep from their quota stay uploaded.
+-- Documents whose content is over p_max_content_bytes (null: no limit) fail
+-- here too, so their content never reaches a worker's memory.
 CREATE OR REPLACE FUNCTION claim_batch(
     p_worker text,
     p_max_docs integer DEFAULT 100,
     p_lease_seconds double precision DEFAULT 60,
-    p_batch_id uuid DEFAULT NULL
+    p_batch_id uuid DEFAULT NULL,
+    p_max_content_bytes bigint DEFAULT NULL
 ) RETURNS TABLE (
     lease_token uuid,
     lease_expires_at timestamptz,
@@ -100,6 +103,7 @@ DECLARE
     v_users text[];
     v_over uuid[];
     v_deferred uuid[];
+    v_oversized uuid[];
     v_claimed integer;
 BEGIN
     IF p_worker IS NULL OR p_max_docs IS NULL OR p_max_docs < 1
@@ -107,29 +111,38 @@ BEGIN
         RAISE EXCEPTION 'claim_batch needs a worker, p_max_docs >= 1 and p_lease_seconds > 0'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF p_max_content_bytes < 0 THEN
+        RAISE EXCEPTION 'claim_batch needs p_max_content_bytes >= 0 or null, not %',
+            p_max_content_bytes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     v_expires := now() + make_interval(secs => p_lease_seconds);
 
     FOR v_batch IN
+        -- Per-batch subqueries, each an index range of one open batch: an
+        -- aggregate over every processing document was rescanned per batch,
+        -- and a bare EXISTS let stale statistics pick a sequential scan.
+        -- "First due document in available_at order" only has a cheap plan
+        -- on documents_uploaded_idx, whatever the statistics say.
         SELECT b.id, b.status, b.total_documents
         FROM extraction_batches b
-        LEFT JOIN (
-            SELECT f.batch_id, count(*) AS n
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS n
             FROM documents f
-            WHERE f.status = 'processing'
-            GROUP BY f.batch_id
-        ) AS in_flight ON in_flight.batch_id = b.id
+            WHERE f.batch_id = b.id AND f.status = 'processing'
+        ) AS in_flight
         WHERE b.status IN ('queued', 'processing')
           AND (p_batch_id IS NULL OR b.id = p_batch_id)
           AND (
               (b.status = 'queued' AND b.total_documents = 0)
-              OR EXISTS (
-                  SELECT 1 FROM documents u
-                  WHERE u.batch_id = b.id
-                    AND u.status = 'uploaded'
-                    AND u.available_at <= now()
-              )
+              OR (
+                  SELECT u.available_at FROM documents u
+                  WHERE u.batch_id = b.id AND u.status = 'uploaded'
+                  ORDER BY u.available_at
+                  LIMIT 1
+              ) <= now()
           )
-        ORDER BY coalesce(in_flight.n, 0), b.created_at, b.id
+        ORDER BY in_flight.n, b.created_at, b.id
     LOOP
         IF v_batch.total_documents = 0 THEN
             -- Skip the batch while an upload into it is still uncommitted.
@@ -162,12 +175,50 @@ BEGIN
             ) AS s;
             EXIT WHEN v_ids IS NULL;
 
+            -- octet_length of a bytea reads its size from the TOAST header,
+            -- so an oversized document's content is never loaded, here or in
+            -- the worker.
+            v_oversized := NULL;
+            IF p_max_content_bytes IS NOT NULL THEN
+                WITH failed AS (
+                    UPDATE documents d
+                    SET status = 'failed',
+                        error = format(
+                            'content is %s bytes, over the limit of %s bytes',
+                            octet_length(d.content), p_max_content_bytes),
+                        processed_at = now(),
+                        updated_at = now()
+                    WHERE d.id = ANY (v_ids)
+                      AND octet_length(d.content) > p_max_content_bytes
+                    RETURNING d.id
+                )
+                SELECT array_agg(f.id) INTO v_oversized FROM failed f;
+                IF v_oversized IS NOT NULL THEN
+                    SELECT array_agg(p.id ORDER BY p.ord),
+                           array_agg(p.user_id ORDER BY p.ord)
+                    INTO v_ids, v_users
+                    FROM unnest(v_ids, v_users) WITH ORDINALITY AS p (id, user_id, ord)
+                    WHERE NOT (p.id = ANY (v_oversized));
+                END IF;
+            END IF;
+            IF v_ids IS NULL THEN
+                -- All of them were oversized; the batch may have more.
+                PERFORM extraction_batches_add_outcomes(
+                    ARRAY[v_batch.id], ARRAY[0], ARRAY[cardinality(v_oversized)]);
+                CONTINUE;
+            END IF;
+
             SELECT array_agg(q.document_id) FILTER (WHERE q.over),
                    array_agg(q.document_id) FILTER (WHERE NOT q.over)
             INTO v_over, v_deferred
             FROM claim_batch_quota(v_ids, v_users) AS q;
             IF v_over IS NOT NULL THEN
                 PERFORM documents_fail_over_quota(v_over);
+            END IF;
+            -- After the quota's usage locks: documents, usage, then batches.
+            IF v_oversized IS NOT NULL THEN
+                PERFORM extraction_batches_add_outcomes(
+                    ARRAY[v_batch.id], ARRAY[0], ARRAY[cardinality(v_oversized)]);
             END IF;
 
             RETURN QUERY
@@ -198,7 +249,7 @@ BEGIN
                 RETURN;
             END IF;
             -- Only documents waiting for quota held by documents in flight.
-            EXIT WHEN v_over IS NULL;
+            EXIT WHEN v_over IS NULL AND v_oversized IS NULL;
         END LOOP;
     END LOOP;
 END;
@@ -311,11 +362,14 @@ BEGIN
         FROM unnest(p_document_ids, p_lease_tokens, p_outcomes, p_errors)
              WITH ORDINALITY AS i (id, token, outcome, error, ord)
     ),
+    -- A matching lease token means processing (documents_lease_check). The
+    -- status is not tested here: that would let the planner scan a partial
+    -- processing index once per input row when statistics say it is empty.
     live AS (
         SELECT d.id, d.attempts, input.outcome, input.error, input.result
         FROM documents d
         JOIN input ON input.id = d.id AND input.token = d.lease_token
-        WHERE d.status = 'processing'
+        WHERE d.lease_expires_at IS NOT NULL
         ORDER BY d.id
         FOR NO KEY UPDATE OF d
     ),
@@ -402,7 +456,9 @@ LANGUAGE sql AS $$
     UPDATE documents d
     SET lease_expires_at = now() + make_interval(secs => p_lease_seconds)
     FROM unnest(p_document_ids, p_lease_tokens) AS h (id, token)
-    WHERE d.id = h.id AND d.lease_token = h.token AND d.status = 'processing'
+    -- Not d.status: see finish_documents; a matching token means processing.
+    WHERE d.id = h.id AND d.lease_token = h.token
+      AND d.lease_expires_at IS NOT NULL
     RETURNING d.id;
 $$;
 
@@ -427,7 +483,9 @@ LANGUAGE sql AS $$
             lease_expires_at = NULL,
             updated_at = now()
         FROM unnest(p_document_ids, p_lease_tokens) AS r (id, token)
-        WHERE d.id = r.id AND d.lease_token = r.token AND d.status = 'processing'
+        -- Not d.status: see finish_documents; a matching token means processing.
+        WHERE d.id = r.id AND d.lease_token = r.token
+          AND d.lease_expires_at IS NOT NULL
         RETURNING 1
     )
     SELECT count(*)::integer FROM released;

@@ -140,12 +140,14 @@ LANGUAGE sql STABLE AS $$
     SELECT b.id, b.status, b.created_at
     FROM extraction_batches b
     WHERE b.status IN ('queued', 'processing')
-      AND (b.status = 'queued' OR EXISTS (
-              SELECT 1 FROM documents d
-              WHERE d.batch_id = b.id
-                AND d.status = 'uploaded'
-                AND d.available_at <= now()
-          ))
+      -- The first due document in available_at order, as in claim_batch: only
+      -- documents_uploaded_idx gives it cheaply, whatever the statistics say.
+      AND (b.status = 'queued' OR (
+              SELECT d.available_at FROM documents d
+              WHERE d.batch_id = b.id AND d.status = 'uploaded'
+              ORDER BY d.available_at
+              LIMIT 1
+          ) <= now())
     ORDER BY b.created_at, b.id
     LIMIT p_max_batches;
 $$;
