@@ -1,0 +1,1 @@
+"""The benchmark suite of the listener: run it with `python -m bench`."""
