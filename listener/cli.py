@@ -273,6 +273,10 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.getLogger("psycopg.pool").setLevel(
         max(logging.getLevelName(level), logging.ERROR)
     )
+    # pgserver narrates every pg_ctl call at INFO; only its problems matter here.
+    logging.getLogger("pgserver").setLevel(
+        max(logging.getLevelName(level), logging.WARNING)
+    )
 
 
 def resolve_dsn(args: argparse.Namespace) -> str:
