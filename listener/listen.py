@@ -188,7 +188,7 @@ class Listener:
 
             lost_at = time.monotonic()
             # A connection that dies as soon as it is made keeps backing off.
-            stable = lost_at - connected_at > 2 * self.settings.backoff_cap
+            stable = lost_at - connected_at > self.settings.backoff_cap
             failures = 0 if stable else failures + 1
 
     async def _open(self) -> psycopg.AsyncConnection[Any]:
