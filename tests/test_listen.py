@@ -529,3 +529,18 @@ def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     assert 0.05 <= delays[0] <= 0.1
     assert all(0.5 <= d <= 1.0 for d in delays[5:])
     assert len({round(settings.backoff(8), 6) for _ in range(20)}) > 1
+
+
+def test_documents_inserted_with_triggers_suppressed_are_counted_but_not_announced(
+    listening: psycopg.Connection[Any], dsn: str
+) -> None:
+    """session_replication_role = replica skips the hints, never the counters."""
+    with listening.transaction():
+        listening.execute("SET LOCAL session_replication_role = replica")
+        batch_id = make_batch(listening, n_docs=5)
+
+    assert heard(listening, dsn) == []
+    row = listening.execute(
+        "SELECT total_documents FROM extraction_batches WHERE id = %s", (batch_id,)
+    ).fetchone()
+    assert row == (5,)
