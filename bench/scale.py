@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from bench.common import Figure, Server, say
 
@@ -41,13 +42,20 @@ _SWEEP = (
     "SELECT batch_id FROM sweep_candidates(10)",
 )
 
-# The history is written with session_replication_role = replica, which skips
-# the per-row and per-statement triggers (count resets, counters, NOTIFY) and
-# the foreign-key checks: the rows are made consistent by construction here,
-# as the triggers and finish_documents would have left them. One batch in ten
-# finished as partially_completed with 5 failed documents.
+# The history is written with its tables' own triggers disabled (count resets,
+# counters, NOTIFY; some fire even as replica) and session_replication_role =
+# replica (no foreign-key checks): the rows are made consistent by
+# construction here, as the triggers and finish_documents would have left
+# them. One batch in ten finished as partially_completed with 5 failed
+# documents. Each trigger gets back exactly the mode it had.
+_TRIGGERS = (
+    "SELECT c.relname, t.tgname, t.tgenabled FROM pg_trigger t"
+    " JOIN pg_class c ON c.oid = t.tgrelid"
+    " WHERE NOT t.tgisinternal AND c.relname IN ('extraction_batches', 'documents')"
+    " AND c.relnamespace = current_schema()::regnamespace"
+)
+_ENABLE = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
 _HISTORY = [
-    "SET session_replication_role = replica",
     """
     CREATE TEMP TABLE bench_history ON COMMIT DROP AS
     SELECT i,
@@ -90,7 +98,6 @@ _HISTORY = [
     ON CONFLICT (user_id) DO UPDATE
     SET documents_processed = u.documents_processed + excluded.documents_processed
     """,
-    "RESET session_replication_role",
 ]
 
 
@@ -98,8 +105,14 @@ def write_history(dsn: str, batches: int, docs: int) -> float:
     """Fill a database with finished batches; return the seconds it took."""
     began = time.perf_counter()
     with psycopg.connect(dsn) as conn:
+        triggers = conn.execute(_TRIGGERS).fetchall()
+        for table, name, _ in triggers:
+            conn.execute(_alter_trigger(table, name, "D"))
+        conn.execute("SET LOCAL session_replication_role = replica")
         for statement in _HISTORY:
             conn.execute(statement, {"batches": batches, "docs": docs})
+        for table, name, mode in triggers:
+            conn.execute(_alter_trigger(table, name, mode))
         conn.commit()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE extraction_batches, documents, user_usage")
@@ -110,6 +123,12 @@ def write_history(dsn: str, batches: int, docs: int) -> float:
     assert row is not None
     say(f"  history: {row[0]:,} finished documents, documents table {row[1]}")
     return time.perf_counter() - began
+
+
+def _alter_trigger(table: str, name: str, mode: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(
+        sql.Identifier(table), sql.SQL(_ENABLE[mode]), sql.Identifier(name)
+    )
 
 
 def add_open_work(conn: psycopg.Connection[Any]) -> None:
