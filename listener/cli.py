@@ -61,6 +61,13 @@ def _interval(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0-65535, not {value}")
+    return value
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection and logging")
@@ -187,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds documents in flight may take to finish after SIGTERM (default: 30)",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=_port,
+        # argparse converts a string default with type=, and reports it alike.
+        default=os.environ.get("LISTENER_METRICS_PORT") or None,
+        metavar="PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz on PORT "
+        "(default: $LISTENER_METRICS_PORT, else no endpoint; 0 picks a free port)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default=os.environ.get("LISTENER_METRICS_HOST", "0.0.0.0"),
+        metavar="ADDRESS",
+        help="address the metrics endpoint binds (default: $LISTENER_METRICS_HOST, "
+        "else 0.0.0.0)",
+    )
 
     status = verbs.add_parser(
         "status",
@@ -235,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start an embedded server, load sample batches, process them, show results",
     )
     return parser
+
+
+def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Return the parser of each verb of the command line, by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 class _JsonFormatter(logging.Formatter):
@@ -346,13 +377,22 @@ def _run(args: argparse.Namespace) -> int:
     settings = processing_settings(args)
     extractor = load_extractor(settings.extractor)
     dsn = resolve_dsn(args)
-    code: int = run_listener(
-        dsn,
-        extractor,
-        settings,
-        sweep_interval=args.sweep_interval,
-        shutdown_grace=args.shutdown_grace,
-    )
+    endpoint = None
+    if args.metrics_port is not None:
+        from listener.metrics import serve_metrics
+
+        endpoint = serve_metrics(dsn, args.metrics_port, args.metrics_host)
+    try:
+        code: int = run_listener(
+            dsn,
+            extractor,
+            settings,
+            sweep_interval=args.sweep_interval,
+            shutdown_grace=args.shutdown_grace,
+        )
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return code
 
 
