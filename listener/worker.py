@@ -73,6 +73,7 @@ class Engine:
         *,
         prefetch: int | None = None,
         on_retry: Callable[[datetime], None] | None = None,
+        on_recorded: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
@@ -83,6 +84,7 @@ class Engine:
         )
         self._extractor = extractor
         self._on_retry = on_retry
+        self._on_recorded = on_recorded
         self._in_flight: dict[UUID, Claim] = {}
         self._started: set[UUID] = set()
         self._pending: list[tuple[Claim, Outcome]] = []
@@ -133,8 +135,33 @@ class Engine:
         task_group.start_soon(self._flush_forever)
         task_group.start_soon(self._heartbeat_forever)
 
+    def close(self) -> None:
+        """Close the queue of submitted documents; call once serve()'s tasks ended."""
+        self._send.close()
+        self._receive.close()
+
+    def drop_batch(self, batch_id: UUID) -> int:
+        """Forget the unstarted documents of a batch the database has closed.
+
+        Their leases are already revoked (cancel_batch), so there is nothing to
+        record or hand back. Returns how many were dropped.
+        """
+        dropped = [
+            doc_id
+            for doc_id, claim in self._in_flight.items()
+            if claim.document.batch_id == batch_id and doc_id not in self._started
+        ]
+        for doc_id in dropped:
+            del self._in_flight[doc_id]
+        if dropped:
+            self._signal_changed()
+        return len(dropped)
+
     async def _extract_forever(self) -> None:
         async for claim in self._receive:
+            if self._in_flight.get(claim.document.id) is not claim:
+                # Dropped by drop_batch while it waited.
+                continue
             if self._stopping:
                 # Left unstarted in _in_flight: stop() hands it back.
                 continue
@@ -194,16 +221,19 @@ class Engine:
             self._in_flight.pop(claim.document.id, None)
             self._started.discard(claim.document.id)
         self._signal_changed()
+        if self._on_recorded:
+            self._on_recorded()
 
     async def _finish_contained(
         self, group: list[tuple[Claim, Outcome]]
     ) -> list[Finished]:
         """Record a group; isolate an outcome the database refuses to store."""
         try:
-            return await self.call_db(
+            recorded: list[Finished] = await self.call_db(
                 lambda conn: claims_db.finish_documents(conn, group, self.settings),
                 "record outcomes",
             )
+            return recorded
         except psycopg.OperationalError:
             raise
         except psycopg.DatabaseError as exc:
@@ -218,12 +248,13 @@ class Engine:
                 replacement = Outcome(
                     "failed", error=f"result could not be stored: {exc}"
                 )
-                return await self.call_db(
+                failed: list[Finished] = await self.call_db(
                     lambda conn: claims_db.finish_documents(
                         conn, [(claim, replacement)], self.settings
                     ),
                     "record outcomes",
                 )
+                return failed
         finished: list[Finished] = []
         for item in group:
             finished.extend(await self._finish_contained([item]))
@@ -353,3 +384,4 @@ async def running_engine(
             yield engine
         finally:
             task_group.cancel_scope.cancel()
+    engine.close()
