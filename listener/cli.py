@@ -425,6 +425,11 @@ def _check(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from listener.demo import run_demo
 
+    if args.dsn:
+        raise ConfigError(
+            "listener demo runs on its own embedded server, not on --dsn; "
+            "choose its data directory with --data-dir"
+        )
     code: int = run_demo(args.data_dir)
     return code
 

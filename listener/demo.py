@@ -329,10 +329,11 @@ def summary_table(dsn: str, batches: dict[UUID, Sample]) -> str:
         note = error or ""
         if len(note) > NOTE_CHARS:
             note = note[: NOTE_CHARS - 1] + "…"
-        lines.append(
+        line = (
             f"{str(batch_id)[:8]:<9} {batches[batch_id].label:<17} {status:<20} "
             f"{total:>5} {completed:>9} {failed:>6} {retried:>7} {duration:>8}  {note}"
         )
+        lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
 
 
