@@ -214,14 +214,8 @@ class Service:
             extra={"batch_id": str(finished.batch_id), "status": finished.status},
         )
         if finished.status == "cancelled" and self._engine is not None:
-            dropped = self._engine.drop_batch(finished.batch_id)
-            if dropped:
-                log.info(
-                    "dropped %d unstarted documents of cancelled batch %s",
-                    dropped,
-                    finished.batch_id,
-                    extra={"batch_id": str(finished.batch_id)},
-                )
+            # Its documents' leases are revoked: do not extract those we hold.
+            self._engine.check_leases()
 
     def _on_retry(self, due_at: datetime) -> None:
         heapq.heappush(self._retries, due_at.timestamp() - self._clock_offset)
@@ -250,9 +244,9 @@ class Service:
                 return
             if not claims:
                 return
-            engine.submit(claims)
 
     async def _claim(self, size: int) -> list[Claim]:
+        """Claim up to size documents and submit them to the engine."""
         async with self._claim_lock:
             if self._stopping:
                 return []
@@ -263,6 +257,8 @@ class Service:
                 ),
                 "claim documents",
             )
+            # Under the lock: shutdown waits for it, then hands these back.
+            self.engine.submit(claims)
         log.debug("claimed %d of %d documents", len(claims), size)
         return claims
 
