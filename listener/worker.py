@@ -29,6 +29,7 @@ from listener import claim as claims_db
 from listener.claim import Claim, Finished
 from listener.config import ProcessingSettings
 from listener.extractors import Extractor, Outcome, run_extractor
+from listener.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class Engine:
             outcome = await run_extractor(
                 self._extractor, claim.document, self.settings.extract_timeout
             )
+            METRICS.observe_extraction(time.perf_counter() - began, outcome.kind)
             log.debug(
                 "document %s attempt %d: %s",
                 claim.document.id,
@@ -200,6 +202,7 @@ class Engine:
             )
             finished = []
         self.tally.add(finished)
+        METRICS.record_outcomes(finished)
         for item in finished:
             if item.kind == "stale":
                 log.warning(
