@@ -575,6 +575,15 @@ def test_concurrent_claims_never_overshoot_a_quota(dsn: str, round_: int) -> Non
 # --- the last two documents ------------------------------------------------
 
 
+# Outcomes of the last two documents, and the batch status they must give.
+# Failures charge no usage, so two of them meet only at the batch row.
+RACES = [
+    pytest.param(("completed", "completed"), "completed", id="both-completed"),
+    pytest.param(("failed", "failed"), "failed", id="both-failed"),
+    pytest.param(("completed", "failed"), "partially_completed", id="mixed"),
+]
+
+
 def _two_claimed_documents(conn: Conn) -> tuple[uuid.UUID, list[dict[str, Any]]]:
     batch_id = make_batch(conn, n_docs=2)
     claimed = claim(conn, "wA", max_docs=1) + claim(conn, "wB", max_docs=1)
@@ -583,23 +592,42 @@ def _two_claimed_documents(conn: Conn) -> tuple[uuid.UUID, list[dict[str, Any]]]
 
 
 def _assert_closed_once(
-    conn: Conn, batch_id: uuid.UUID, notified: list[dict[str, Any]]
+    conn: Conn,
+    batch_id: uuid.UUID,
+    notified: list[dict[str, Any]],
+    outcomes: tuple[str, str],
+    status: str,
 ) -> None:
+    completed = outcomes.count("completed")
     batch = batch_row(conn, batch_id)
     assert [n["batch_id"] for n in notified] == [str(batch_id)]
-    assert notified[0]["status"] == "completed"
-    assert notified[0]["completed_count"] == 2
-    assert batch["status"] == "completed"
+    assert notified[0]["status"] == status
+    assert notified[0]["completed_count"] == completed
+    assert batch["status"] == status
     assert batch["completed_at"] is not None
-    assert (batch["completed_count"], batch["failed_count"]) == (2, 0)
-    assert usage_of(conn, "u1") == 2
+    assert (batch["completed_count"], batch["failed_count"]) == (
+        completed,
+        2 - completed,
+    )
+    assert usage_of(conn, "u1") == completed
 
 
-@pytest.mark.parametrize("round_", range(4))
-def test_last_two_documents_finishing_at_once_close_the_batch_once(
-    dsn: str, conn: Conn, round_: int
+def _finish_and_commit(
+    own: Conn, claimed: dict[str, Any], outcome: str, errors: list[BaseException]
 ) -> None:
-    """Second finisher blocks behind the first, then sees its counts."""
+    try:
+        finish(own, [claimed], outcome, error="bad")
+        own.commit()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize(("outcomes", "status"), RACES)
+def test_last_two_documents_finishing_at_once_close_the_batch_once(
+    dsn: str, conn: Conn, outcomes: tuple[str, str], status: str, round_: int
+) -> None:
+    """The second finisher blocks behind the first, then sees its counts."""
     batch_id, (doc_a, doc_b) = _two_claimed_documents(conn)
     conn.execute("LISTEN batch_finished")
     errors: list[BaseException] = []
@@ -608,9 +636,9 @@ def test_last_two_documents_finishing_at_once_close_the_batch_once(
         psycopg.connect(dsn) as conn_a,
         psycopg.connect(dsn) as conn_b,
     ):
-        finish(conn_a, [doc_a])
+        finish(conn_a, [doc_a], outcomes[0], error="bad")
         finisher = threading.Thread(
-            target=lambda: _finish_and_commit(conn_b, doc_b, errors)
+            target=_finish_and_commit, args=(conn_b, doc_b, outcomes[1], errors)
         )
         finisher.start()
         _wait_until_blocked(conn, conn_b.info.backend_pid)
@@ -619,37 +647,31 @@ def test_last_two_documents_finishing_at_once_close_the_batch_once(
 
     notified = _finished_notifications(conn, conn)
     assert errors == []
-    _assert_closed_once(conn, batch_id, notified)
+    _assert_closed_once(conn, batch_id, notified, outcomes, status)
 
 
-def _finish_and_commit(
-    own: Conn, claimed: dict[str, Any], errors: list[BaseException]
-) -> None:
-    try:
-        finish(own, [claimed])
-        own.commit()
-    except BaseException as exc:
-        errors.append(exc)
-
-
-@pytest.mark.parametrize("round_", range(4))
+@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize(("outcomes", "status"), RACES)
 def test_last_two_documents_released_by_a_barrier_close_the_batch_once(
-    dsn: str, conn: Conn, round_: int
+    dsn: str, conn: Conn, outcomes: tuple[str, str], status: str, round_: int
 ) -> None:
     batch_id, claimed = _two_claimed_documents(conn)
     conn.execute("LISTEN batch_finished")
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 
-    def finish_one(row: dict[str, Any]) -> None:
+    def finish_one(row: dict[str, Any], outcome: str) -> None:
         try:
             with psycopg.connect(dsn, autocommit=True) as own:
                 barrier.wait(timeout=10)
-                finish(own, [row])
+                finish(own, [row], outcome, error="bad")
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=finish_one, args=(row,)) for row in claimed]
+    threads = [
+        threading.Thread(target=finish_one, args=pair)
+        for pair in zip(claimed, outcomes, strict=True)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -657,7 +679,7 @@ def test_last_two_documents_released_by_a_barrier_close_the_batch_once(
 
     notified = _finished_notifications(conn, conn)
     assert errors == []
-    _assert_closed_once(conn, batch_id, notified)
+    _assert_closed_once(conn, batch_id, notified, outcomes, status)
 
 
 # --- repair, candidates, requeue -------------------------------------------
