@@ -17,7 +17,7 @@ FinishKind = Literal["completed", "failed", "retrying", "stale"]
 
 _CLAIM = (
     "SELECT lease_token, lease_expires_at, document_id, batch_id, user_id, file_name,"
-    " content, storage_url, attempt FROM claim_batch(%s, %s, %s, %s)"
+    " content, storage_url, attempt FROM claim_batch(%s, %s, %s, %s, %s)"
 )
 _FINISH = (
     "SELECT document_id, outcome, available_at"
@@ -52,10 +52,17 @@ async def claim_batch(
     max_docs: int,
     lease_seconds: float,
     batch_id: UUID | None = None,
+    max_content_bytes: int | None = None,
 ) -> list[Claim]:
-    """Claim up to `max_docs` due documents of one batch (any batch if None)."""
+    """Claim up to `max_docs` due documents of one batch (any batch if None).
+
+    Documents with more than `max_content_bytes` of content fail instead,
+    their content unread.
+    """
     cursor = await conn.execute(
-        _CLAIM, (worker, max_docs, lease_seconds, batch_id), prepare=True
+        _CLAIM,
+        (worker, max_docs, lease_seconds, batch_id, max_content_bytes),
+        prepare=True,
     )
     rows = await cursor.fetchall()
     return [

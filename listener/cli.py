@@ -145,6 +145,14 @@ def _processing_options() -> argparse.ArgumentParser:
         default=defaults.claim_size,
         help=f"most documents of one batch per claim (default: {defaults.claim_size})",
     )
+    group.add_argument(
+        "--max-content-bytes",
+        type=_positive_int,
+        default=defaults.max_content_bytes,
+        metavar="BYTES",
+        help="fail documents with more content than this, without loading it "
+        "(default: no limit)",
+    )
     return processing
 
 
@@ -336,6 +344,7 @@ def processing_settings(args: argparse.Namespace) -> ProcessingSettings:
         retry_delay=args.retry_delay,
         extract_timeout=args.extract_timeout,
         claim_size=args.claim_size,
+        max_content_bytes=args.max_content_bytes,
     )
 
 

@@ -26,6 +26,8 @@ class ProcessingSettings:
     retry_cap: float = 300.0
     extract_timeout: float = 300.0
     claim_size: int = 100
+    # Documents with more content fail at claim time, unread; None: no limit.
+    max_content_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -51,6 +53,10 @@ class ProcessingSettings:
         _require(
             self.claim_size >= 1,
             f"--claim-size must be at least 1, not {self.claim_size}",
+        )
+        _require(
+            self.max_content_bytes is None or self.max_content_bytes >= 1,
+            f"--max-content-bytes must be at least 1, not {self.max_content_bytes}",
         )
 
     @property

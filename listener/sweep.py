@@ -127,6 +127,7 @@ async def _serve_batch(engine: Engine, batch_id: UUID, max_docs: int) -> None:
                 max_docs=size,
                 lease_seconds=engine.settings.lease_seconds,
                 batch_id=batch_id,
+                max_content_bytes=engine.settings.max_content_bytes,
             ),
             "claim documents",
         )

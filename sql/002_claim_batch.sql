@@ -349,6 +349,27 @@ DECLARE
     v_finals text[];
     v_due timestamptz[];
 BEGIN
+    -- A null maximum would retry forever, a null delay would make the
+    -- document due at null, and arrays of different lengths would pair a
+    -- document with another one's outcome or result.
+    IF p_max_attempts IS NULL OR p_max_attempts < 1
+       OR p_retry_delay IS NULL OR NOT p_retry_delay BETWEEN 0 AND 1e9
+       OR p_retry_cap IS NULL OR NOT p_retry_cap BETWEEN 0 AND 1e9 THEN
+        RAISE EXCEPTION 'finish_documents needs p_max_attempts >= 1 and retry delay '
+            'and cap between 0 and 1e9 seconds, not %, %, %',
+            p_max_attempts, p_retry_delay, p_retry_cap
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_document_ids)
+       OR cardinality(p_outcomes) IS DISTINCT FROM cardinality(p_document_ids)
+       OR (p_errors IS NOT NULL
+           AND cardinality(p_errors) <> cardinality(p_document_ids))
+       OR jsonb_typeof(p_results) IS DISTINCT FROM 'array'
+       OR jsonb_array_length(p_results) <> cardinality(p_document_ids) THEN
+        RAISE EXCEPTION 'finish_documents needs one lease token, outcome, error '
+            'and result (p_results a JSON array) per document'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF EXISTS (
         SELECT 1 FROM unnest(p_outcomes) AS o (outcome)
         WHERE o.outcome IS NULL OR o.outcome NOT IN ('completed', 'failed', 'error')

@@ -16,6 +16,12 @@ DECLARE
     v_requeued integer;
     v_failed_total integer;
 BEGIN
+    IF p_max_attempts IS NULL OR p_max_attempts < 1 THEN
+        RAISE EXCEPTION 'recover_expired_leases needs p_max_attempts >= 1, not %',
+            coalesce(p_max_attempts::text, 'null')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
     WITH expired AS (
         SELECT d.id
         FROM documents d
