@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from uuid import UUID
 
 import anyio
+import anyio.to_thread
 import psycopg
 
-from listener.config import ProcessingSettings, worker_name
+from listener.config import ProcessingSettings
 from listener.db import connect, connect_sync
 from listener.embedded import default_data_dir, start_embedded
 from listener.errors import ListenerError
@@ -130,13 +132,8 @@ def run_demo(data_dir: Path | None, out: TextIO | None = None) -> int:
         f"embedded PostgreSQL in {data_dir}" + (" (reused)" if reused else ""),
     )
 
-    batches = load_samples(dsn)
-    _say(stream, f"loaded {len(batches)} sample batches:")
-    for sample in SAMPLES:
-        _say(stream, f"  {sample.label:<17} {sample.user_id:<16} {sample.story}")
-
     started = time.monotonic()
-    anyio.run(_process_with_progress, dsn, batches, stream)
+    batches = anyio.run(_demonstrate, dsn, stream)
     elapsed = time.monotonic() - started
 
     stream.write(summary_table(dsn, batches) + "\n")
@@ -188,49 +185,64 @@ def _insert_sample(conn: psycopg.Connection[Any], sample: Sample) -> UUID:
     return batch_id
 
 
-async def _process_with_progress(
-    dsn: str, batches: dict[UUID, Sample], stream: TextIO
-) -> None:
-    done = anyio.Event()
-    with anyio.fail_after(DEADLINE_SECONDS):
+async def _demonstrate(dsn: str, stream: TextIO) -> dict[UUID, Sample]:
+    """Start a listener, load the samples, show progress until all are terminal."""
+    from listener.service import Service
+
+    service = Service(
+        dsn, demo_extractor, DEMO_SETTINGS, sweep_interval=60, shutdown_grace=5
+    )
+    with anyio.fail_after(DEADLINE_SECONDS), _quiet_listener():
         async with anyio.create_task_group() as tasks:
+            tasks.start_soon(service.run)
+            await service.ready.wait()
+
+            # Loaded once the listener listens, so notifications drive the work.
+            batches = await anyio.to_thread.run_sync(load_samples, dsn)
+            _describe_samples(stream, batches)
+            done = anyio.Event()
             tasks.start_soon(_show_progress, dsn, list(batches), stream, done)
-            await process_until_terminal(dsn, list(batches))
+            await wait_until_terminal(dsn, list(batches))
             done.set()
+            service.request_stop()
+    return batches
 
 
-async def process_until_terminal(dsn: str, batch_ids: list[UUID]) -> None:
-    """Run the listener in this process until every batch in batch_ids is terminal."""
-    from listener.sweep import sweep_once
-
-    extractor: Callable[[Document], Awaitable[dict[str, Any]]] = demo_extractor
-    worker = worker_name()
-    while not await _all_terminal(dsn, batch_ids):
-        summary = await sweep_once(
-            dsn,
-            extractor,
-            DEMO_SETTINGS,
-            worker,
-            max_batches=len(batch_ids),
-            max_docs_per_batch=10_000,
-        )
-        if not summary.batches:
-            # Only retries waiting out their backoff are left.
-            await anyio.sleep(DEMO_SETTINGS.retry_delay / 2)
+def _describe_samples(stream: TextIO, batches: dict[UUID, Sample]) -> None:
+    _say(stream, f"loaded {len(batches)} sample batches:")
+    for sample in batches.values():
+        _say(stream, f"  {sample.label:<17} {sample.user_id:<16} {sample.story}")
 
 
-async def _all_terminal(dsn: str, batch_ids: list[UUID]) -> bool:
+@contextmanager
+def _quiet_listener() -> Iterator[None]:
+    """Keep the listener's INFO lines from breaking the progress line, unless DEBUG."""
+    package = logging.getLogger("listener")
+    before = package.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package.setLevel(before)
+
+
+async def wait_until_terminal(dsn: str, batch_ids: list[UUID]) -> None:
+    """Return once every batch in batch_ids is terminal."""
     conn = await connect(dsn)
     try:
-        cursor = await conn.execute(
-            "SELECT count(*) FROM extraction_batches"
-            " WHERE id = ANY (%s) AND status <> ALL (%s)",
-            (batch_ids, list(TERMINAL)),
-        )
-        row = await cursor.fetchone()
+        while True:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM extraction_batches"
+                " WHERE id = ANY (%s) AND status <> ALL (%s)",
+                (batch_ids, list(TERMINAL)),
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0] == 0:
+                return
+            await anyio.sleep(0.05)
     finally:
         await conn.close()
-    return row is not None and row[0] == 0
 
 
 _PROGRESS = """

@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from listener.config import describe_dsn
 from listener.db import connect
 from listener.errors import DatabaseUnavailable, ListenerError
+from listener.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class Listener:
                     "LISTEN connection lost, reconnecting: %s", _first_line(exc)
                 )
             finally:
+                METRICS.set_listening(False)
                 await _close_quietly(conn)
 
             lost_at = time.monotonic()

@@ -36,6 +36,7 @@ from listener.config import ProcessingSettings, describe_dsn, worker_name
 from listener.db import open_pool
 from listener.extractors import Extractor
 from listener.listen import BatchFinished, Handlers, Listener, ListenSettings
+from listener.metrics import METRICS
 from listener.sweep import recover
 from listener.worker import Engine
 
@@ -110,6 +111,8 @@ class Service:
         # Database clock minus ours, in seconds; retry times are the database's.
         self._clock_offset = 0.0
         self._engine: Engine | None = None
+        # When the first batch_work since the last successful claim arrived.
+        self._notified_at: float | None = None
 
     @property
     def engine(self) -> Engine:
@@ -150,6 +153,7 @@ class Service:
             on_recorded=self._claim_wanted.set,
         )
         self._engine = engine
+        METRICS.track_in_flight(lambda: engine.in_flight)
         try:
             async with anyio.create_task_group() as tasks:
                 await engine.serve(tasks)
@@ -157,6 +161,7 @@ class Service:
                 tasks.start_soon(self._claim_forever)
                 tasks.start_soon(self._wake_at_retries)
                 tasks.start_soon(self._listener.run)
+                tasks.start_soon(METRICS.beat_forever)
 
                 await self._stop_wanted.wait()
                 await self._shut_down()
@@ -193,12 +198,15 @@ class Service:
     # Notification handlers: they only raise flags.
 
     def _on_work(self, batch_id: UUID) -> None:
+        if self._notified_at is None:
+            self._notified_at = time.monotonic()
         self._claim_wanted.set()
 
     def _on_sweep(self) -> None:
         self._sweep_wanted.set()
 
     def _on_connected(self, reconnected: bool) -> None:
+        METRICS.set_listening(True, reconnected=reconnected)
         # Work committed while nobody listened was never announced.
         self._check_pool = self._check_pool or reconnected
         self._sweep_wanted.set()
@@ -259,6 +267,9 @@ class Service:
             )
             # Under the lock: shutdown waits for it, then hands these back.
             self.engine.submit(claims)
+        if claims:
+            METRICS.record_claim(len(claims), self._notified_at)
+            self._notified_at = None
         log.debug("claimed %d of %d documents", len(claims), size)
         return claims
 
@@ -298,7 +309,7 @@ class Service:
             )
 
     async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await recover(conn, self.settings.max_attempts)
+        METRICS.record_sweep(await recover(conn, self.settings.max_attempts))
         before = time.time()
         cursor = await conn.execute("SELECT clock_timestamp()")
         row = await cursor.fetchone()

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import make_batch
+from helpers import batch_row, make_batch
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from listener.claim import Finished
@@ -183,3 +191,165 @@ def test_a_port_in_use_is_a_clear_error(dsn: str, metrics: Metrics) -> None:
             ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"
         ):
             serve_metrics(dsn, port, "127.0.0.1", metrics=metrics)
+
+
+# A real `listener run --metrics-port` process.
+
+
+class RunningListener:
+    """A `python -m listener run --metrics-port 0` child; its log is collected."""
+
+    def __init__(self, dsn: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "listener",
+                "run",
+                "--metrics-port",
+                "0",
+                "--metrics-host",
+                "127.0.0.1",
+                "--extractor",
+                "listener.extractors:noop",
+            ],
+            env=env | {"DATABASE_URL": dsn},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        port_line = self.wait_for_line(r"metrics and health checks on port (\d+)")
+        self.port = int(port_line.group(1))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                left = deadline - time.monotonic()
+                assert left > 0 and self._reader.is_alive(), "\n".join(self.lines)
+                self._changed.wait(min(left, 0.1))
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        return get(f"http://127.0.0.1:{self.port}{path}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            self._reader.join(5)
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+        return code
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Return once condition() holds; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def listener_run(dsn: str) -> Iterator[RunningListener]:
+    child = RunningListener(dsn)
+    yield child
+    child.stop()
+
+
+def _set_connections(admin_dsn: str, name: str, allowed: bool) -> None:
+    # A database cannot refuse connections from a session of its own.
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.Literal(allowed)
+            )
+        )
+
+
+@pytest.mark.slow
+def test_listener_run_serves_metrics_of_the_work_it_does(
+    conn: psycopg.Connection[Any], listener_run: RunningListener
+) -> None:
+    poll(lambda: listener_run.get("/readyz")[0] == 200, "/readyz answers 200")
+    batch = make_batch(conn, n_docs=5)
+    poll(lambda: batch_row(conn, batch)["status"] == "completed", "the batch completes")
+
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(listener_run.get("/metrics")[2])
+
+    # Outcomes are counted right after they commit; give the flush a moment.
+    poll(
+        lambda: (
+            scraped()[("listener_documents_total", (("outcome", "completed"),))] == 5
+        ),
+        "five completions are counted",
+    )
+    found = scraped()
+    assert found[("listener_claimed_documents_total", ())] == 5
+    assert found[("listener_claims_total", ())] >= 1
+    assert found[("listener_notification_to_start_seconds_count", ())] >= 1
+    assert (
+        found[
+            ("listener_extraction_duration_seconds_count", (("result", "completed"),))
+        ]
+        == 5
+    )
+    assert found[("listener_sweeps_total", ())] >= 1
+    assert found[("listener_listen_connected", ())] == 1
+    assert found[("listener_documents_in_flight", ())] == 0
+    assert found[("listener_queue_documents", (("state", "due"),))] == 0
+    assert found[("listener_database_up", ())] == 1
+    assert listener_run.get("/healthz")[0] == 200
+    assert listener_run.stop() == 0
+
+
+@pytest.mark.slow
+def test_readyz_fails_while_the_listen_connection_is_down(
+    conn: psycopg.Connection[Any], pg_admin_dsn: str, listener_run: RunningListener
+) -> None:
+    poll(lambda: listener_run.get("/readyz")[0] == 200, "/readyz answers 200")
+    name = conn.info.dbname
+
+    # Refuse new connections, then cut the LISTEN one: it cannot come back.
+    _set_connections(pg_admin_dsn, name, False)
+    try:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            ("listener-listen",),
+        )
+        poll(lambda: listener_run.get("/readyz")[0] == 503, "/readyz answers 503")
+        down = listener_run.get("/readyz")
+        alive = listener_run.get("/healthz")[0]
+    finally:
+        _set_connections(pg_admin_dsn, name, True)
+    poll(lambda: listener_run.get("/readyz")[0] == 200, "/readyz recovers")
+
+    assert down[2] == "LISTEN connection down\n"
+    assert alive == 200
+    found = samples(listener_run.get("/metrics")[2])
+    assert found[("listener_reconnects_total", ())] >= 1
+    assert found[("listener_listen_connected", ())] == 1
