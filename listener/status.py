@@ -230,7 +230,7 @@ def _failure_lines(report: Mapping[str, Any], paint: _Paint) -> list[str]:
         lines.append(
             f"  {stamp}  {_short(failure['document_id'])} "
             f"{_clip(failure['file_name'], 24)} (batch {_short(failure['batch_id'])}, "
-            f"{failure['attempts']} attempts): "
+            f"{_attempts(failure['attempts'])}): "
             + paint(_RED, _one_line(failure["error"] or ""))
         )
     return lines
@@ -282,6 +282,12 @@ def format_seconds(seconds: float) -> str:
 
 def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+def _attempts(count: int) -> str:
+    if count == 0:
+        return "never tried"
+    return f"{count} attempt" + ("" if count == 1 else "s")
 
 
 def _short(uuid_text: str) -> str:

@@ -98,3 +98,12 @@ def test_demo_reuses_its_data_directory(demo_dir: Path) -> None:
         "SELECT count(*) FROM extraction_batches"
         " WHERE user_id = 'demo-trial-user' AND completed_count = 25",
     ) == [(2,)]
+
+
+def test_demo_refuses_a_dsn_rather_than_fill_a_real_database() -> None:
+    result = run_cli("demo", "--dsn", "postgresql://app@db.example/prod", timeout=60)
+
+    assert result.returncode == 1
+    assert "runs on its own embedded server" in result.stderr
+    assert "db.example" not in result.stderr
+    assert "Traceback" not in result.stderr
