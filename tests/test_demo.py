@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +20,25 @@ STATUSES = ("completed", "partially_completed", "failed", "cancelled")
 
 
 @pytest.fixture
-def demo_dir(tmp_path: Path) -> Iterator[Path]:
-    """Yield a data directory for the demo; stop the server it leaves running."""
-    data_dir = tmp_path / "demo-pgdata"
-    yield data_dir
-    if (data_dir / "postmaster.pid").exists():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from pgserver import get_server
+def demo_dir() -> Iterator[Path]:
+    """Yield a data directory for the demo; stop the server it leaves running.
 
-        get_server(data_dir, cleanup_mode="stop").cleanup()
+    Not under tmp_path: run as root, pgserver runs the server as its own user,
+    which must traverse the parents, and every pytest session starting on the
+    machine resets pytest's temporary root to mode 0700.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="listener-demo-test-"))
+    data_dir = parent / "demo-pgdata"
+    try:
+        yield data_dir
+    finally:
+        if (data_dir / "postmaster.pid").exists():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from pgserver import get_server
+
+            get_server(data_dir, cleanup_mode="stop").cleanup()
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _dsn_of(output: str) -> str:
