@@ -20,6 +20,7 @@ import psycopg
 
 from listener.config import describe_dsn
 from listener.db import connect_sync
+from listener.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def print_status(
             return 0
         interval = DEFAULT_WATCH_SECONDS if watch is True else float(watch)
         try:
-            _watch(conn, dsn, render, interval, stream, in_place=styled)
+            _watch(
+                conn, dsn, render, interval, stream, in_place=styled, as_json=as_json
+            )
         except KeyboardInterrupt:
             if styled:
                 stream.write("\n")
@@ -104,25 +107,51 @@ def _watch(
     stream: TextIO,
     *,
     in_place: bool,
+    as_json: bool,
 ) -> None:
-    """Refresh forever; a lost connection is reported and reopened, not fatal."""
-    while True:
-        try:
-            if conn.closed:
-                conn = connect_sync(dsn)
-            frame = render(fetch_status(conn))
-        except (psycopg.OperationalError, OSError) as exc:
-            frame = f"database unavailable, retrying every {interval:g}s: {exc}"
-            log.debug("status refresh failed", exc_info=True)
-            conn.close()
-        if in_place:
-            lines = frame.split("\n")
-            stream.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines))
-            stream.write(_CLEAR_BELOW)
-        else:
-            stream.write(frame + ("\n" if frame.startswith("{") else "\n\n"))
-        stream.flush()
-        time.sleep(interval)
+    """Refresh forever; a lost connection is reported and reopened, not fatal.
+
+    With as_json the report of a problem goes to stderr, so that stdout stays
+    one JSON object per line.
+    """
+    try:
+        while True:
+            frame: str | None = None
+            try:
+                if conn.closed:
+                    conn = connect_sync(dsn)
+                frame = render(fetch_status(conn))
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                log.debug("status refresh failed", exc_info=True)
+                conn.close()
+                problem = (
+                    f"database unavailable, retrying every {interval:g}s: "
+                    f"{_first_line(exc)}"
+                )
+                if as_json:
+                    print(problem, file=sys.stderr, flush=True)
+                else:
+                    frame = problem
+            if frame is not None:
+                _show(stream, frame, in_place=in_place, as_json=as_json)
+            time.sleep(interval)
+    finally:
+        conn.close()
+
+
+def _show(stream: TextIO, frame: str, *, in_place: bool, as_json: bool) -> None:
+    if in_place:
+        lines = frame.split("\n")
+        stream.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines))
+        stream.write(_CLEAR_BELOW)
+    else:
+        stream.write(frame + ("\n" if as_json else "\n\n"))
+    stream.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _silence_stdout() -> None:

@@ -365,3 +365,32 @@ def test_colour_progress_bar_has_the_same_width() -> None:
 )
 def test_durations_read_naturally(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
+
+
+@pytest.mark.slow
+def test_watch_survives_a_lost_connection_and_keeps_stdout_json(
+    conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "listener", "status", "--json", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**env, "DATABASE_URL": dsn},
+    ) as child:
+        assert child.stdout is not None
+        orjson.loads(child.stdout.readline())
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'listener'"
+        ).fetchone()
+        make_batch(conn, n_docs=1)
+        deadline = time.monotonic() + 30
+        while True:
+            later = orjson.loads(child.stdout.readline())
+            if later["batch_counts"]["queued"] == 1 or time.monotonic() > deadline:
+                break
+        child.terminate()
+
+    assert killed == (1,)
+    assert later["batch_counts"]["queued"] == 1
