@@ -383,16 +383,21 @@ BEGIN
         FROM unnest(p_document_ids, p_lease_tokens, p_outcomes, p_errors)
              WITH ORDINALITY AS i (id, token, outcome, error, ord)
     ),
-    -- A matching lease token means processing (documents_lease_check). The
-    -- status is not tested here: that would let the planner scan a partial
-    -- processing index once per input row when statistics say it is empty.
+    -- One primary-key probe per input row, locked in id order: the locking
+    -- subquery cannot be flattened into a join, so no statistics can turn
+    -- this into a scan of documents once per input row (they did: a table
+    -- analysed before its first claim has no processing rows and no leases).
+    -- A matching lease token means processing (documents_lease_check).
     live AS (
         SELECT d.id, d.attempts, input.outcome, input.error, input.result
-        FROM documents d
-        JOIN input ON input.id = d.id AND input.token = d.lease_token
-        WHERE d.lease_expires_at IS NOT NULL
-        ORDER BY d.id
-        FOR NO KEY UPDATE OF d
+        FROM (SELECT * FROM input ORDER BY input.id) AS input
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.attempts
+            FROM documents d
+            WHERE d.id = input.id AND d.lease_token = input.token
+              AND d.lease_expires_at IS NOT NULL
+            FOR NO KEY UPDATE
+        ) AS d
     ),
     decided AS (
         SELECT live.*,
@@ -474,12 +479,24 @@ CREATE OR REPLACE FUNCTION extend_leases(
     p_lease_seconds double precision
 ) RETURNS SETOF uuid
 LANGUAGE sql AS $$
+    -- Primary-key probes locked in id order, as in finish_documents.
+    WITH held AS (
+        SELECT d.id
+        FROM (
+            SELECT * FROM unnest(p_document_ids, p_lease_tokens) AS h (id, token)
+            ORDER BY h.id
+        ) AS h
+        CROSS JOIN LATERAL (
+            SELECT d.id FROM documents d
+            WHERE d.id = h.id AND d.lease_token = h.token
+              AND d.lease_expires_at IS NOT NULL
+            FOR NO KEY UPDATE
+        ) AS d
+    )
     UPDATE documents d
     SET lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-    FROM unnest(p_document_ids, p_lease_tokens) AS h (id, token)
-    -- Not d.status: see finish_documents; a matching token means processing.
-    WHERE d.id = h.id AND d.lease_token = h.token
-      AND d.lease_expires_at IS NOT NULL
+    FROM held
+    WHERE d.id = held.id
     RETURNING d.id;
 $$;
 
@@ -493,7 +510,21 @@ CREATE OR REPLACE FUNCTION release_documents(
     p_unstarted boolean DEFAULT true
 ) RETURNS integer
 LANGUAGE sql AS $$
-    WITH released AS (
+    -- Primary-key probes locked in id order, as in finish_documents.
+    WITH held AS (
+        SELECT d.id
+        FROM (
+            SELECT * FROM unnest(p_document_ids, p_lease_tokens) AS r (id, token)
+            ORDER BY r.id
+        ) AS r
+        CROSS JOIN LATERAL (
+            SELECT d.id FROM documents d
+            WHERE d.id = r.id AND d.lease_token = r.token
+              AND d.lease_expires_at IS NOT NULL
+            FOR NO KEY UPDATE
+        ) AS d
+    ),
+    released AS (
         UPDATE documents d
         SET status = 'uploaded',
             attempts = CASE WHEN p_unstarted THEN greatest(d.attempts - 1, 0)
@@ -503,10 +534,8 @@ LANGUAGE sql AS $$
             lease_token = NULL,
             lease_expires_at = NULL,
             updated_at = now()
-        FROM unnest(p_document_ids, p_lease_tokens) AS r (id, token)
-        -- Not d.status: see finish_documents; a matching token means processing.
-        WHERE d.id = r.id AND d.lease_token = r.token
-          AND d.lease_expires_at IS NOT NULL
+        FROM held
+        WHERE d.id = held.id
         RETURNING 1
     )
     SELECT count(*)::integer FROM released;
