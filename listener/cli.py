@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,14 +40,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, not {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, not {text!r}"
+        ) from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds >= 0, not {text}"
@@ -73,7 +84,8 @@ def _common_options() -> argparse.ArgumentParser:
     group = common.add_argument_group("connection and logging")
     group.add_argument(
         "--dsn",
-        help="PostgreSQL connection string (default: $DATABASE_URL, else the embedded server)",
+        help="PostgreSQL connection string "
+        "(default: $DATABASE_URL, else the embedded server)",
     )
     group.add_argument(
         "--data-dir",
@@ -172,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = verbs.add_parser(
         "sweep",
         parents=[common, processing],
-        help="one cron-style pass: recover dead workers' documents, process some batches",
+        help="one cron-style pass: recover dead workers' documents, "
+        "process some batches",
     )
     sweep.add_argument(
         "--max-batches-per-run",
@@ -200,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace",
         type=_seconds,
         default=30.0,
-        help="seconds documents in flight may take to finish after SIGTERM (default: 30)",
+        help="seconds documents in flight may take to finish after SIGTERM "
+        "(default: 30)",
     )
     run.add_argument(
         "--metrics-port",
@@ -263,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser(
         "demo",
         parents=[common],
-        help="start an embedded server, load sample batches, process them, show results",
+        help="start an embedded server, load sample batches, process them, "
+        "show results",
     )
     return parser
 
@@ -458,11 +473,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        return _VERBS[args.verb](args)
+        code = _VERBS[args.verb](args)
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except Exception as exc:
-        return _fail(_explain(_innermost(exc)))
+        code = _fail(_explain(_innermost(exc)))
+    _exit_despite_abandoned_threads(code)
+    return code
+
+
+def _exit_despite_abandoned_threads(code: int) -> None:
+    """Exit now if a sync extractor that overran its timeout still runs.
+
+    Python cannot stop a thread, and it waits for every non-daemon thread at
+    exit, so one extractor that never returns would hold a cron sweep (or a
+    stopping listener) forever. Its document was already recorded as timed out.
+    """
+    stuck = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+        and thread.is_alive()
+        and not thread.daemon
+    ]
+    if not stuck:
+        return
+    log.warning(
+        "exiting although %d extractor threads are still running past their timeout",
+        len(stuck),
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _innermost(exc: BaseException) -> BaseException:
