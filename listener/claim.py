@@ -127,14 +127,26 @@ async def extend_leases(
 
 
 async def release_documents(
-    conn: AnyConnection, claims: Sequence[Claim], *, unstarted: bool
+    conn: AnyConnection,
+    claims: Sequence[Claim],
+    *,
+    unstarted: bool,
+    max_attempts: int | None = None,
 ) -> int:
-    """Hand claimed documents back to uploaded at once; return how many were."""
+    """Hand claimed documents back to uploaded at once; return how many were.
+
+    Started documents that have had max_attempts tries fail instead.
+    """
     if not claims:
         return 0
     cursor = await conn.execute(
-        "SELECT release_documents(%s, %s, %s)",
-        ([c.document.id for c in claims], [c.lease_token for c in claims], unstarted),
+        "SELECT release_documents(%s, %s, %s, %s)",
+        (
+            [c.document.id for c in claims],
+            [c.lease_token for c in claims],
+            unstarted,
+            max_attempts,
+        ),
     )
     row = await cursor.fetchone()
     return int(row[0]) if row else 0

@@ -503,13 +503,30 @@ $$;
 
 -- Hand claimed documents straight back to uploaded without waiting for the
 -- lease to expire. p_unstarted: the extractor was never called for them, so
--- their claim does not count as an attempt. Returns how many were released.
+-- their claim does not count as an attempt. A started document that has had
+-- p_max_attempts tries (null: no limit) fails instead, as recover_expired_leases
+-- fails one whose worker died: otherwise a document whose extraction outlasts
+-- every shutdown grace would be tried again after each restart, for ever.
+-- Returns how many were released or failed.
 CREATE OR REPLACE FUNCTION release_documents(
     p_document_ids uuid[],
     p_lease_tokens uuid[],
-    p_unstarted boolean DEFAULT true
+    p_unstarted boolean DEFAULT true,
+    p_max_attempts integer DEFAULT NULL
 ) RETURNS integer
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_handled integer;
+    v_batch_ids uuid[];
+    v_failed integer[];
+BEGIN
+    IF p_unstarted IS NULL OR p_max_attempts < 1 THEN
+        RAISE EXCEPTION 'release_documents needs p_unstarted true or false and '
+            'p_max_attempts >= 1 or null'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
     -- Primary-key probes locked in id order, as in finish_documents.
     WITH held AS (
         SELECT d.id
@@ -526,9 +543,16 @@ LANGUAGE sql AS $$
     ),
     released AS (
         UPDATE documents d
-        SET status = 'uploaded',
+        SET status = CASE WHEN NOT p_unstarted AND d.attempts >= p_max_attempts
+                          THEN 'failed' ELSE 'uploaded' END,
             attempts = CASE WHEN p_unstarted THEN greatest(d.attempts - 1, 0)
                             ELSE d.attempts END,
+            error = CASE WHEN NOT p_unstarted AND d.attempts >= p_max_attempts
+                THEN format('worker %s stopped during attempt %s of %s',
+                            d.lease_owner, d.attempts, p_max_attempts)
+                ELSE d.error END,
+            processed_at = CASE WHEN NOT p_unstarted AND d.attempts >= p_max_attempts
+                                THEN now() END,
             available_at = now(),
             lease_owner = NULL,
             lease_token = NULL,
@@ -536,7 +560,24 @@ LANGUAGE sql AS $$
             updated_at = now()
         FROM held
         WHERE d.id = held.id
-        RETURNING 1
+        RETURNING d.batch_id, d.status
+    ),
+    per_batch AS (
+        SELECT r.batch_id, count(*) FILTER (WHERE r.status = 'failed') AS failed,
+               count(*) AS handled
+        FROM released r
+        GROUP BY r.batch_id
     )
-    SELECT count(*)::integer FROM released;
+    SELECT coalesce(sum(p.handled), 0)::integer,
+           array_agg(p.batch_id) FILTER (WHERE p.failed > 0),
+           array_agg(p.failed::integer) FILTER (WHERE p.failed > 0)
+    INTO v_handled, v_batch_ids, v_failed
+    FROM per_batch p;
+
+    IF v_batch_ids IS NOT NULL THEN
+        PERFORM extraction_batches_add_outcomes(
+            v_batch_ids, array_fill(0, ARRAY[cardinality(v_batch_ids)]), v_failed);
+    END IF;
+    RETURN v_handled;
+END;
 $$;

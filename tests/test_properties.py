@@ -231,8 +231,13 @@ class Processing(RuleBasedStateMachine):
     def hand_back(self, worker: str, unstarted: bool) -> None:
         held = list(self.holds[worker].values())
         row = self.conn.execute(
-            "SELECT release_documents(%s, %s, %s)",
-            ([h.document_id for h in held], [h.token for h in held], unstarted),
+            "SELECT release_documents(%s, %s, %s, %s)",
+            (
+                [h.document_id for h in held],
+                [h.token for h in held],
+                unstarted,
+                MAX_ATTEMPTS,
+            ),
         ).fetchone()
         assert row == (sum(not h.lost for h in held),)
         self.holds[worker].clear()
@@ -349,3 +354,44 @@ def test_random_interleavings_keep_every_invariant(conn: Conn) -> None:
             suppress_health_check=[HealthCheck.function_scoped_fixture],
         ),
     )
+
+
+def test_a_try_handed_back_at_shutdown_counts_towards_max_attempts(conn: Conn) -> None:
+    """Found by the state machine's model: a started try handed back on its last
+    attempt was claimed again as attempt max + 1."""
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO extraction_batches (user_id) VALUES ('u1') RETURNING id"
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "INSERT INTO documents (batch_id, user_id, file_name, content)"
+            " VALUES (%s, 'u1', 'poison', 'x')",
+            (row[0],),
+        )
+    for _ in range(MAX_ATTEMPTS - 1):
+        ((doc, token),) = conn.execute(
+            "SELECT document_id, lease_token FROM claim_batch('w', 1, 60)"
+        ).fetchall()
+        conn.execute(
+            "SELECT * FROM finish_documents(%s, %s, '{error}', '[null]', '{hung}',"
+            " %s, 0, 0)",
+            ([doc], [token], MAX_ATTEMPTS),
+        )
+    ((doc, token, attempt),) = conn.execute(
+        "SELECT document_id, lease_token, attempt FROM claim_batch('w', 1, 60)"
+    ).fetchall()
+
+    conn.execute(
+        "SELECT release_documents(%s, %s, false, %s)", ([doc], [token], MAX_ATTEMPTS)
+    )
+
+    assert attempt == MAX_ATTEMPTS
+    assert conn.execute("SELECT * FROM claim_batch('w', 1, 60)").fetchall() == []
+    assert conn.execute(
+        "SELECT status, attempts, error FROM documents WHERE id = %s", (doc,)
+    ).fetchone() == ("failed", 3, "worker w stopped during attempt 3 of 3")
+    assert conn.execute(
+        "SELECT status, failed_count FROM extraction_batches WHERE id = %s", (row[0],)
+    ).fetchone() == ("failed", 1)
+    assert _check(conn) == []
