@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
+import anyio.lowlevel
 import psycopg
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -35,6 +37,18 @@ log = logging.getLogger(__name__)
 
 # Largest group of outcomes recorded in one finish_documents call.
 MAX_FLUSH = 1000
+# Without a fixed prefetch, the engine holds enough claimed documents for
+# PREFETCH_SECONDS of work at the rate it records them (at least concurrency,
+# at most PREFETCH_CAP): a slow extractor holds twice --concurrency, as
+# before, while cheap ones are never starved by claim round trips.
+PREFETCH_SECONDS = 0.25
+PREFETCH_CAP = 5000
+# The recording rate is measured over this many seconds.
+RATE_WINDOW = 1.0
+MIN_RATE_SPAN = 0.05
+# An extraction worker lets the other tasks run after this many claims taken
+# without waiting.
+YIELD_EVERY = 64
 T = TypeVar("T")
 
 
@@ -80,9 +94,9 @@ class Engine:
         self.settings = settings
         self.worker = worker
         self.tally = Tally()
-        self.limit = settings.concurrency + (
-            settings.concurrency if prefetch is None else prefetch
-        )
+        self._prefetch = prefetch
+        self._recorded: deque[tuple[float, int]] = deque()
+        self._taken = 0
         self._extractor = extractor
         self._on_retry = on_retry
         self._on_recorded = on_recorded
@@ -101,6 +115,30 @@ class Engine:
     def in_flight(self) -> int:
         """Return how many claimed documents are not recorded yet."""
         return len(self._in_flight)
+
+    @property
+    def limit(self) -> int:
+        """Return how many documents may be held (claimed, not recorded) at once."""
+        concurrency = self.settings.concurrency
+        if self._prefetch is not None:
+            return concurrency + self._prefetch
+        wanted = int(self._recording_rate() * PREFETCH_SECONDS)
+        return concurrency + min(max(wanted, concurrency), PREFETCH_CAP)
+
+    def _recording_rate(self) -> float:
+        """Return the documents recorded per second over the last RATE_WINDOW.
+
+        Measured from the oldest flush in the window rather than over the
+        whole window, so that the prefetch grows within a few flushes.
+        """
+        recorded = self._recorded
+        now = time.monotonic()
+        while recorded and recorded[0][0] < now - RATE_WINDOW:
+            recorded.popleft()
+        if not recorded:
+            return 0.0
+        span = max(now - recorded[0][0], MIN_RATE_SPAN)
+        return sum(n for _, n in recorded) / span
 
     @property
     def free_capacity(self) -> int:
@@ -152,7 +190,7 @@ class Engine:
         self._heartbeat_wanted.set()
 
     async def _extract_forever(self) -> None:
-        async for claim in self._receive:
+        while (claim := await self._next_claim()) is not None:
             if self._in_flight.get(claim.document.id) is not claim:
                 # Its lease was lost while it waited: someone else's now.
                 continue
@@ -165,20 +203,43 @@ class Engine:
                 self._extractor, claim.document, self.settings.extract_timeout
             )
             METRICS.observe_extraction(time.perf_counter() - began, outcome.kind)
-            log.debug(
-                "document %s attempt %d: %s",
-                claim.document.id,
-                claim.document.attempt,
-                outcome.kind,
-                extra={
-                    "document_id": str(claim.document.id),
-                    "batch_id": str(claim.document.batch_id),
-                    "attempt": claim.document.attempt,
-                    "duration_ms": round((time.perf_counter() - began) * 1000, 3),
-                },
-            )
+            # Only build the record's fields when DEBUG is on: this runs per document.
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "document %s attempt %d: %s",
+                    claim.document.id,
+                    claim.document.attempt,
+                    outcome.kind,
+                    extra={
+                        "document_id": str(claim.document.id),
+                        "batch_id": str(claim.document.batch_id),
+                        "attempt": claim.document.attempt,
+                        "duration_ms": round((time.perf_counter() - began) * 1000, 3),
+                    },
+                )
             self._pending.append((claim, outcome))
             self._flush_wanted.set()
+
+    async def _next_claim(self) -> Claim | None:
+        """Return the next submitted claim, or None once the queue is closed.
+
+        Takes a waiting claim without a trip through the event loop, which
+        would cost more than a cheap extraction, but still lets the other
+        tasks run every YIELD_EVERY claims.
+        """
+        self._taken += 1
+        try:
+            claim = self._receive.receive_nowait()
+        except anyio.WouldBlock:
+            try:
+                return await self._receive.receive()
+            except anyio.EndOfStream:
+                return None
+        except anyio.EndOfStream:
+            return None
+        if self._taken % YIELD_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
+        return claim
 
     async def _flush_forever(self) -> None:
         while True:
@@ -202,6 +263,7 @@ class Engine:
             )
             finished = []
         self.tally.add(finished)
+        self._recorded.append((time.monotonic(), len(group)))
         METRICS.record_outcomes(finished)
         for item in finished:
             if item.kind == "stale":
