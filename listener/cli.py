@@ -79,8 +79,8 @@ def _port(text: str) -> int:
     return value
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_options() -> _Parser:
+    common = _Parser(add_help=False)
     group = common.add_argument_group("connection and logging")
     group.add_argument(
         "--dsn",
@@ -109,9 +109,9 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _processing_options() -> argparse.ArgumentParser:
+def _processing_options() -> _Parser:
     defaults = ProcessingSettings()
-    processing = argparse.ArgumentParser(add_help=False)
+    processing = _Parser(add_help=False)
     group = processing.add_argument_group("processing")
     group.add_argument(
         "--extractor",

@@ -58,7 +58,7 @@ async def connect(dsn: str, **options: Any) -> psycopg.AsyncConnection[tuple[Any
 
 
 async def open_pool(dsn: str, size: int) -> AsyncConnectionPool:
-    """Open a pool of `size` autocommit connections, failing fast if the first cannot open.
+    """Open a pool of `size` autocommit connections; fail fast if none can open.
 
     :raises DatabaseUnavailable: the server is unreachable or refuses us.
     """

@@ -39,7 +39,8 @@ def start_embedded(data_dir: Path) -> str:
         ) from exc
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(data_dir, cleanup_mode=None)
+        get_server = getattr(pgserver, "get_server")  # noqa: B009 - untyped package
+        server = get_server(data_dir, cleanup_mode=None)
     except Exception as exc:
         raise EmbeddedUnavailable(
             f"the embedded PostgreSQL in {data_dir} did not start: {exc}"

@@ -119,7 +119,8 @@ def _apply_one(
         with conn.transaction():
             conn.execute(migration.sql.encode())
             conn.execute(
-                "INSERT INTO listener_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                "INSERT INTO listener_migrations (version, name, checksum)"
+                " VALUES (%s, %s, %s)",
                 (migration.version, migration.name, migration.checksum),
             )
     except psycopg.Error as exc:

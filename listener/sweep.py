@@ -62,7 +62,8 @@ async def recover(conn: psycopg.AsyncConnection[Any], max_attempts: int) -> Reco
     repaired = int(repaired_row[0]) if repaired_row else 0
     if requeued or failed or repaired:
         log.info(
-            "recovered %d documents of dead workers (%d out of attempts), repaired %d batches",
+            "recovered %d documents of dead workers (%d out of attempts), "
+            "repaired %d batches",
             requeued + failed,
             failed,
             repaired,
