@@ -25,7 +25,8 @@ class ProcessingSettings:
     retry_delay: float = 5.0
     retry_cap: float = 300.0
     extract_timeout: float = 300.0
-    claim_size: int = 100
+    # Per round trip: claiming 500 costs about two thirds per document of 100.
+    claim_size: int = 500
     # Documents with more content fail at claim time, unread; None: no limit.
     max_content_bytes: int | None = None
 
