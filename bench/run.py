@@ -9,6 +9,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 
+from bench import process
 from bench.common import Figure, Server, open_server, say
 
 # number -> (title, module name, default runs)
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs per benchmark (default: 5, 3 for memory)",
     )
+    parser.add_argument(
+        "--listener-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra option for every `listener run` (repeatable), "
+        "e.g. --listener-arg=--claim-size=500",
+    )
     return parser
 
 
@@ -70,12 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen benchmarks and print their figures."""
     args = build_parser().parse_args(argv)
     chosen = args.only or sorted(BENCHMARKS)
+    process.LISTENER_ARGS[:] = args.listener_arg
     with open_server(args.dsn) as server:
         settings = server.settings()
         say(
             f"# listener benchmarks, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
             f"{os.cpu_count()} cores, Python {platform.python_version()}"
         )
+        if args.listener_arg:
+            say(f"# listener run options: {' '.join(args.listener_arg)}")
         say(
             "# PostgreSQL "
             + ", ".join(f"{name}={value}" for name, value in settings.items())

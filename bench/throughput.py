@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from typing import Any
 
 import orjson
 import psycopg
+import psycopg.errors
+from psycopg import sql
 
-from bench.common import BackendClock, Figure, Server, process_cpu_seconds, say
+from bench.common import (
+    BackendClock,
+    Figure,
+    Server,
+    process_cpu_seconds,
+    say,
+    wait_until,
+)
 from bench.process import listener_running
 
 BATCHES = 20
@@ -83,6 +94,55 @@ def check_all_completed(conn: psycopg.Connection[Any], docs: int) -> None:
         )
 
 
+def track_functions(conn: psycopg.Connection[Any], dbname: str) -> bool:
+    """Have the database's new sessions count calls of PL/pgSQL functions."""
+    try:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET track_functions = 'pl'").format(
+                sql.Identifier(dbname)
+            )
+        )
+        # BENCH_AUTO_EXPLAIN_MS=40: log the plans of the listener's statements
+        # (nested ones too) that take longer, to the server's log.
+        slow_ms = os.environ.get("BENCH_AUTO_EXPLAIN_MS")
+        if slow_ms:
+            for setting in (
+                sql.SQL("session_preload_libraries = 'auto_explain'"),
+                sql.SQL("auto_explain.log_min_duration = {}").format(int(slow_ms)),
+                sql.SQL("auto_explain.log_nested_statements = on"),
+                sql.SQL("auto_explain.log_analyze = on"),
+                sql.SQL("auto_explain.log_timing = off"),
+            ):
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET {}").format(
+                        sql.Identifier(dbname), setting
+                    )
+                )
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
+
+
+def function_calls(conn: psycopg.Connection[Any]) -> str:
+    """Describe the calls of the claiming and finishing functions, once counted."""
+    rows = conn.execute(
+        "SELECT funcname, calls, total_time FROM pg_stat_user_functions"
+        " WHERE funcname IN ('claim_batch', 'finish_documents') ORDER BY funcname"
+    ).fetchall()
+    return ", ".join(
+        f"{name} {calls} calls, {total / max(calls, 1):.2f} ms each"
+        for name, calls, total in rows
+    )
+
+
+def _only_ours_left(conn: psycopg.Connection[Any], dbname: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)
+    ).fetchone()
+    # This connection and the watching one.
+    return row is not None and row[0] <= 2
+
+
 def run(server: Server, runs: int) -> list[Figure]:
     """Process BATCHES x DOCS no-op documents with one listener, `runs` times."""
     rate = Figure("throughput", "docs/s")
@@ -99,6 +159,7 @@ def run(server: Server, runs: int) -> list[Figure]:
                 psycopg.connect(dsn, autocommit=True) as watch,
             ):
                 load(conn, BATCHES, DOCS)
+                counted = track_functions(conn, dbname)
                 watch.execute("LISTEN batch_finished")
                 with listener_running(dsn, EXTRACTOR) as listener:
                     clock = BackendClock(conn, dbname)
@@ -108,6 +169,13 @@ def run(server: Server, runs: int) -> list[Figure]:
                     cpu = process_cpu_seconds(listener.pid) - cpu_before
                     db_cpu = clock.elapsed()
                 check_all_completed(conn, DOCS)
+                # Backends report their function counts as they exit.
+                wait_until(
+                    functools.partial(_only_ours_left, conn, dbname),
+                    10,
+                    "the listener's backends to exit",
+                )
+                calls = function_calls(conn) if counted else ""
         finally:
             server.drop_database(dsn)
         total = BATCHES * DOCS
@@ -120,4 +188,6 @@ def run(server: Server, runs: int) -> list[Figure]:
             f"CPU per document: listener {cpu / total * 1e6:.1f} us, "
             f"PostgreSQL {db_cpu / total * 1e6:.1f} us"
         )
+        if calls:
+            say(f"    {calls}")
     return [rate, listener_cpu, backend_cpu]
