@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,6 +71,15 @@ def _interval(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
     return value
+
+
+def _duration(text: str) -> timedelta:
+    from listener.prune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _port(text: str) -> int:
@@ -274,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not report usage above the completed documents (usage raised by hand)",
     )
 
+    prune = verbs.add_parser(
+        "prune",
+        parents=[common],
+        help="delete finished batches and their documents older than a duration",
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="age of completed_at past which a finished batch goes: 30d, 12h, 90m",
+    )
+    prune.add_argument(
+        "--chunk-batches",
+        type=_positive_int,
+        default=1000,
+        help="batches deleted per transaction (default: 1000)",
+    )
+
     verbs.add_parser(
         "demo",
         parents=[common],
@@ -446,6 +475,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from listener.prune import prune_finished
+
+    summary = prune_finished(
+        resolve_dsn(args), args.older_than, chunk_batches=args.chunk_batches
+    )
+    print(summary.describe())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from listener.demo import run_demo
 
@@ -464,6 +503,7 @@ _VERBS = {
     "run": _run,
     "status": _status,
     "check": _check,
+    "prune": _prune,
     "demo": _demo,
 }
 

@@ -164,7 +164,7 @@ BEGIN
               'documents_cancel', 'listener_prune', 'listener_prune_chunk',
               'listener_create_roles', 'listener_calling_role', 'app_own_batch'])
     LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', v_function);
     END LOOP;
 
     FOR v_function IN

@@ -314,6 +314,8 @@ def test_listener_role_leases_release_and_recovers(conn: Conn, roles: Roles) -> 
         "SELECT cancel_batch(%(batch)s)",
         "SELECT app_cancel_batch(%(batch)s)",
         "SELECT listener_create_roles('x', 'y')",
+        "CALL listener_prune('0 seconds')",
+        "SELECT * FROM listener_prune_chunk(now())",
     ],
 )
 def test_listener_role_cannot_drop_truncate_or_rewrite(
