@@ -261,7 +261,11 @@ class Service:
             self.claims += 1
             claims: list[Claim] = await self.engine.call_db(
                 lambda conn: claims_db.claim_batch(
-                    conn, self.worker, size, self.settings.lease_seconds
+                    conn,
+                    self.worker,
+                    size,
+                    self.settings.lease_seconds,
+                    max_content_bytes=self.settings.max_content_bytes,
                 ),
                 "claim documents",
             )

@@ -278,6 +278,30 @@ async def test_quota_deferred_documents_are_claimed_when_the_quota_frees(
 
 
 @pytest.mark.anyio
+async def test_documents_over_max_content_bytes_fail_unread(
+    dsn: str, conn: Conn
+) -> None:
+    seen: list[str] = []
+
+    def recording(document: Document) -> dict[str, Any]:
+        seen.append(document.file_name)
+        return {}
+
+    async with running_service(dsn, recording, max_content_bytes=8):
+        small = make_batch(conn, n_docs=1, content=b"tiny")
+        big = make_batch(conn, n_docs=2, content=b"eleven bytes")
+
+        await until(lambda: status_of(conn, small) == "completed")
+        await until(lambda: status_of(conn, big) == "failed")
+
+    assert seen == ["doc-0.txt"]
+    errors = conn.execute(
+        "SELECT DISTINCT error FROM documents WHERE batch_id = %s", (big,)
+    ).fetchall()
+    assert errors == [("content is 12 bytes, over the limit of 8 bytes",)]
+
+
+@pytest.mark.anyio
 async def test_a_huge_batch_does_not_hold_back_a_small_one_queued_after_it(
     dsn: str, conn: Conn
 ) -> None:
