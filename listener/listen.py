@@ -218,10 +218,29 @@ class Listener:
                     self._dispatch(notify.channel, notify.payload)
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # Cancelling psycopg mid-query closes the connection; we drop it anyway.
-        with anyio.move_on_after(self.settings.probe_timeout) as scope:
-            await conn.execute("SELECT 1")
-        if scope.cancelled_caught:
+        """Raise unless `SELECT 1` answers within probe_timeout."""
+        answered = anyio.Event()
+        failures: list[psycopg.Error] = []
+
+        async def ask() -> None:
+            try:
+                await conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                failures.append(exc)
+            answered.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ask)
+            with anyio.move_on_after(self.settings.probe_timeout):
+                await answered.wait()
+            if not answered.is_set():
+                # Closed before the query is interrupted, psycopg drops it quietly
+                # instead of sending a cancel request to a server that is silent.
+                conn.pgconn.finish()
+                tasks.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        if not answered.is_set():
             raise ConnectionLost(
                 f"no answer to a probe within {self.settings.probe_timeout:g} s"
             )

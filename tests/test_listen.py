@@ -471,9 +471,10 @@ FAST = ListenSettings(idle_probe_seconds=1.0, probe_timeout=1.0)
 
 @pytest.mark.anyio
 async def test_listener_notices_a_silent_half_open_connection(
-    proxy: Proxy, dsn: str
+    proxy: Proxy, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A frozen link never errors; the idle probe finds it and reconnects."""
+    caplog.set_level(logging.WARNING)
     batch_id = uuid.uuid4()
     async with running_listener(proxy.dsn, FAST) as (_, recorder):
         frozen_at = time.perf_counter()
@@ -486,6 +487,9 @@ async def test_listener_notices_a_silent_half_open_connection(
 
     assert recorder.connects == [False, True]
     assert recorder.work == [batch_id]
+    # One warning for the outage: none from psycopg about interrupting the probe.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["listener.listen"]
     print(f"\nhalf-open LISTEN connection replaced after {detected:.2f} s")
 
 
