@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -46,8 +45,6 @@ log = logging.getLogger(__name__)
 POOL_SIZE = 4
 # Wake a little after a retry is due, so that the claim finds it due.
 RETRY_MARGIN = 0.02
-# How long a second signal, or finished threads, are waited for at exit.
-THREAD_JOIN_SECONDS = 0.5
 
 
 class Wakeup:
@@ -356,8 +353,9 @@ def run_listener(
         sweep_interval=sweep_interval,
         shutdown_grace=shutdown_grace,
     )
+    # Extractor threads still running past the grace are abandoned by the CLI,
+    # which exits without waiting for them.
     anyio.run(_run_until_signalled, service, backend="asyncio")
-    _exit_past_running_threads(0)
     return 0
 
 
@@ -381,21 +379,6 @@ async def _watch_signals(signals: Any, service: Service) -> None:
             name,
         )
         _exit_now(128 + signum)
-
-
-def _exit_past_running_threads(code: int) -> None:
-    """Exit now if extractor threads are still running, rather than wait for them.
-
-    A sync extractor's thread cannot be interrupted; its documents have been
-    handed back, and Python would otherwise wait for it at exit.
-    """
-    main = threading.main_thread()
-    running = [t for t in threading.enumerate() if t is not main and not t.daemon]
-    for thread in running:
-        thread.join(THREAD_JOIN_SECONDS / max(len(running), 1))
-    if any(thread.is_alive() for thread in running):
-        log.info("extractor threads still running are abandoned")
-        _exit_now(code)
 
 
 def _exit_now(code: int) -> None:
