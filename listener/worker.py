@@ -103,6 +103,10 @@ class Engine:
         self._in_flight: dict[UUID, Claim] = {}
         self._started: set[UUID] = set()
         self._pending: list[tuple[Claim, Outcome]] = []
+        # The documents of the group being recorded: finish_documents holds
+        # their row locks, so a heartbeat that included them would wait for
+        # it, and the leases of everything else would run out meanwhile.
+        self._recording: set[UUID] = set()
         self._stopping = False
         self._flush_wanted = anyio.Event()
         self._heartbeat_wanted = anyio.Event()
@@ -251,6 +255,7 @@ class Engine:
                 await self._record(group)
 
     async def _record(self, group: list[tuple[Claim, Outcome]]) -> None:
+        self._recording = {claim.document.id for claim, _ in group}
         try:
             finished = await self._finish_contained(group)
         except psycopg.OperationalError:
@@ -262,6 +267,8 @@ class Engine:
                 len(group),
             )
             finished = []
+        finally:
+            self._recording = set()
         self.tally.add(finished)
         self._recorded.append((time.monotonic(), len(group)))
         METRICS.record_outcomes(finished)
@@ -323,7 +330,11 @@ class Engine:
             with anyio.move_on_after(self.settings.heartbeat_seconds):
                 await self._heartbeat_wanted.wait()
             self._heartbeat_wanted = anyio.Event()
-            held = list(self._in_flight.values())
+            held = [
+                c
+                for c in self._in_flight.values()
+                if c.document.id not in self._recording
+            ]
             if not held:
                 continue
             try:
@@ -372,14 +383,27 @@ class Engine:
 
         Gives up (re-raising) after give_up_after seconds, by default the lease
         time: past it our leases have expired and the work is someone else's.
+        A try without an answer for two lease times (10 s at least) fails: a
+        half-open connection (a peer gone behind a NAT, a stalled proxy) raises
+        nothing by itself, and cancelling the try makes psycopg close it, so the
+        next try gets a new connection from the pool. A try that is only slow
+        (a lock wait, a huge result) must not be cut short: its documents stay
+        locked, and so ours, while it runs.
         """
         deadline = time.monotonic() + (give_up_after or self.settings.lease_seconds)
+        patience = max(2 * self.settings.lease_seconds, 10.0)
         delay = 0.05
         warned = False
         while True:
             try:
-                async with self.pool.connection() as conn:
-                    result = await operation(conn)
+                try:
+                    with anyio.fail_after(patience):
+                        async with self.pool.connection() as conn:
+                            result = await operation(conn)
+                except TimeoutError as exc:
+                    raise psycopg.OperationalError(
+                        f"no answer from the database within {patience:g} s"
+                    ) from exc
                 if warned:
                     log.info("database reachable again; %s succeeded", what)
                 return result
