@@ -12,12 +12,17 @@ import psycopg
 from psycopg import sql
 
 from bench.common import Figure, Server, say
+from listener.config import ProcessingSettings
 
 # The open work drained in each run: batches x documents, all uploaded.
-OPEN_BATCHES = 10
+OPEN_BATCHES = 5
 OPEN_DOCS = 1000
-CLAIM_SIZE = 100
-SWEEPS_PER_RUN = 30
+# What `listener run` claims per round trip by default.
+CLAIM_SIZE = ProcessingSettings().claim_size
+# Each run alternates the two databases SLOTS times (empty, full, full,
+# empty, ...), so that the load of other work falls on both alike.
+SLOTS = 4
+SWEEPS_PER_SLOT = 10
 
 # History: HISTORY_BATCHES batches of HISTORY_DOCS finished documents each.
 HISTORY_BATCHES = 10_000
@@ -140,15 +145,15 @@ def add_open_work(conn: psycopg.Connection[Any]) -> None:
     conn.execute("ANALYZE extraction_batches, documents")
 
 
-def time_sweeps(conn: psycopg.Connection[Any], times: int) -> float:
-    """Return the median seconds of one full sweep pass over `times` passes."""
+def time_sweeps(conn: psycopg.Connection[Any], times: int) -> list[float]:
+    """Return the seconds of each of `times` full sweep passes."""
     spent = []
     for _ in range(times):
         began = time.perf_counter()
         for statement in _SWEEP:
             conn.execute(statement, prepare=True).fetchall()
         spent.append(time.perf_counter() - began)
-    return statistics.median(spent)
+    return spent
 
 
 def drain(conn: psycopg.Connection[Any], worker: str) -> tuple[int, float]:
@@ -249,22 +254,38 @@ def run(server: Server, runs: int) -> list[Figure]:
             ("sweep pass", "ms", 2),
         )
     }
+    ratios = {
+        what: Figure(f"{what}: 1M finished / empty history (paired)", "x", digits=3)
+        for what in ("claim throughput", "sweep pass")
+    }
     worker = f"bench-scale-{uuid.uuid4().hex[:6]}"
+    databases = {"empty": empty, "full": full}
     for number in range(runs):
-        for kind, dsn in (("empty", empty), ("full", full)):
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                add_open_work(conn)
-                figures[kind, "sweep pass"].add(
-                    time_sweeps(conn, SWEEPS_PER_RUN) * 1000
-                )
-                done, spent = drain(conn, worker)
-            figures[kind, "claim throughput"].add(done / spent)
-        claims = [figures[k, "claim throughput"].values[-1] for k in ("empty", "full")]
-        sweeps = [figures[k, "sweep pass"].values[-1] for k in ("empty", "full")]
+        docs = dict.fromkeys(databases, 0)
+        spent = dict.fromkeys(databases, 0.0)
+        sweeps: dict[str, list[float]] = {kind: [] for kind in databases}
+        for slot in range(SLOTS):
+            order = ["empty", "full"] if slot % 2 == 0 else ["full", "empty"]
+            for kind in order:
+                with psycopg.connect(databases[kind], autocommit=True) as conn:
+                    add_open_work(conn)
+                    sweeps[kind] += time_sweeps(conn, SWEEPS_PER_SLOT)
+                    done, seconds = drain(conn, worker)
+                docs[kind] += done
+                spent[kind] += seconds
+        for kind in databases:
+            figures[kind, "claim throughput"].add(docs[kind] / spent[kind])
+            figures[kind, "sweep pass"].add(statistics.median(sweeps[kind]) * 1000)
+        for what in ratios:
+            ratios[what].add(
+                figures["full", what].values[-1] / figures["empty", what].values[-1]
+            )
+        claims = [figures[k, "claim throughput"].values[-1] for k in databases]
+        passes = [figures[k, "sweep pass"].values[-1] for k in databases]
         say(
             f"  run {number + 1}: claim {claims[0]:,.0f} vs {claims[1]:,.0f} docs/s,"
-            f" sweep {sweeps[0]:.2f} vs {sweeps[1]:.2f} ms"
+            f" sweep {passes[0]:.2f} vs {passes[1]:.2f} ms"
         )
     server.drop_database(empty)
     server.drop_database(full)
-    return list(figures.values())
+    return [*figures.values(), *ratios.values()]
