@@ -539,7 +539,8 @@ def _exit_despite_abandoned_threads(code: int) -> None:
     if not stuck:
         return
     log.warning(
-        "exiting although %d extractor threads are still running past their timeout",
+        "exiting although %d extractor threads still run (past --extract-timeout "
+        "or --shutdown-grace); their documents are recorded or handed back",
         len(stuck),
     )
     sys.stdout.flush()
