@@ -25,6 +25,9 @@ FOREIGN_OPTIONS = {
     "--now",  # systemctl enable
     "--builtin-schema",  # check-jsonschema
     "--help",
+    "--only",  # python -m bench
+    "--runs",
+    "--listener-arg",
 }
 
 
