@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from listener.config import describe_dsn
@@ -15,6 +16,24 @@ log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "listener"
 CONNECT_TIMEOUT = 10
+
+
+# Kernel-level detection of a vanished peer: keepalive probes after 5 s idle,
+# and data left unacknowledged for 10 s, fail the socket. A DSN that sets any
+# of these keeps its own value.
+KEEPALIVE_OPTIONS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+}
+
+
+def keepalive_options(dsn: str) -> dict[str, int]:
+    """Return the keepalive settings that the DSN does not set itself."""
+    given = conninfo_to_dict(dsn)
+    return {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in given}
 
 
 def _connect_kwargs() -> dict[str, Any]:
@@ -69,7 +88,8 @@ async def open_pool(dsn: str, size: int) -> AsyncConnectionPool:
         dsn,
         min_size=size,
         max_size=size,
-        kwargs=_connect_kwargs(),
+        # A half-open socket fails in seconds instead of hanging a query.
+        kwargs={**_connect_kwargs(), **keepalive_options(dsn)},
         open=False,
         name="listener-work",
     )

@@ -19,10 +19,9 @@ from uuid import UUID
 import anyio
 import orjson
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from listener.config import describe_dsn
-from listener.db import connect
+from listener.db import connect, keepalive_options
 from listener.errors import DatabaseUnavailable, ListenerError
 from listener.metrics import METRICS
 
@@ -36,17 +35,6 @@ _LISTEN = "LISTEN batch_work; LISTEN batch_sweep; LISTEN batch_finished"
 
 # Shown in pg_stat_activity, so an operator can tell it from the work pool.
 APPLICATION_NAME = "listener-listen"
-
-# Kernel-level detection of a vanished peer: keepalive probes after 5 s idle,
-# and data left unacknowledged for 10 s, fail the socket. A DSN that sets any
-# of these keeps its own value.
-KEEPALIVE_OPTIONS: dict[str, int] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 10_000,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +124,7 @@ def parse_finished(payload: str) -> BatchFinished | None:
 
 def listen_options(dsn: str) -> dict[str, Any]:
     """Return the connection options of the LISTEN connection for this DSN."""
-    given = conninfo_to_dict(dsn)
-    options: dict[str, Any] = {"application_name": APPLICATION_NAME}
-    options.update((k, v) for k, v in KEEPALIVE_OPTIONS.items() if k not in given)
-    return options
+    return {"application_name": APPLICATION_NAME, **keepalive_options(dsn)}
 
 
 class Listener:

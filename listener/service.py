@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Claim loop, flusher, heartbeat and sweeper each hold at most one connection.
 POOL_SIZE = 4
+# How long the pool check after a reconnect may take.
+POOL_CHECK_SECONDS = 5.0
 # Wake a little after a retry is due, so that the claim finds it due.
 RETRY_MARGIN = 0.02
 
@@ -289,7 +291,10 @@ class Service:
         if self._check_pool:
             # After an outage the idle pool connections are likely dead too.
             self._check_pool = False
-            await engine.pool.check()
+            # check() waits on every idle connection; a stalled one must not
+            # hold the sweep (keepalives fail it within seconds anyway).
+            with anyio.move_on_after(POOL_CHECK_SECONDS):
+                await engine.pool.check()
         try:
             await engine.call_db(self._recover, "sweep")
         except psycopg.Error as exc:
