@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +21,7 @@ from typing import Any
 
 import psycopg
 from helpers import extractor_env
+from processes import ListenerProcess
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -49,101 +45,27 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
 # --- listener processes ---------------------------------------------------------
 
 
-class ListenerChild:
-    """One `python -m listener run` process in a process group of its own."""
-
-    def __init__(self, dsn: str, options: list[str], env: dict[str, str]) -> None:
-        child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        child_env |= env | {"DATABASE_URL": dsn}
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "listener", "run", *options],
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        """Return the process id, which the worker name (lease_owner) contains."""
-        return self.process.pid
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_line(self, pattern: str, timeout: float = 30) -> None:
-        """Return once a log line matches pattern; fail after timeout seconds."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(regex.search(line) for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._reader.is_alive():
-                    raise AssertionError(
-                        f"no log line matching {pattern!r} within {timeout} s:\n"
-                        + self.log(30)
-                    )
-                self._changed.wait(min(left, 0.1))
-
-    def wait_ready(self) -> None:
-        """Return once the listener says it is ready."""
-        self.wait_for_line(r"listener \S+ ready on ")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group and reap it."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self._close()
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM the group; return the exit code."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        code = self.process.wait(timeout)
-        self._close()
-        return code
-
-    def _close(self) -> None:
-        self._reader.join(5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-    def log(self, last: int | None = None) -> str:
-        """Return the log lines captured so far, or the last few."""
-        with self._changed:
-            lines = self.lines if last is None else self.lines[-last:]
-            return "\n".join(lines)
-
-
 @dataclass
 class Fleet:
     """Listener processes of one test: start, kill, restart, stop them all."""
 
     dsn: str
+    extractor: str
     options: list[str]
     env: dict[str, str]
-    children: list[ListenerChild] = field(default_factory=list)
-    retired: list[ListenerChild] = field(default_factory=list)
+    children: list[ListenerProcess] = field(default_factory=list)
+    retired: list[ListenerProcess] = field(default_factory=list)
 
-    def start(self, dsn: str | None = None) -> ListenerChild:
+    def start(self, dsn: str | None = None) -> ListenerProcess:
         """Start one more listener and wait until it is ready."""
-        child = ListenerChild(dsn or self.dsn, self.options, self.env)
+        child = ListenerProcess(
+            dsn or self.dsn, *self.options, extractor=self.extractor, env=self.env
+        )
         self.children.append(child)
         child.wait_ready()
         return child
 
-    def kill(self, child: ListenerChild) -> None:
+    def kill(self, child: ListenerProcess) -> None:
         """SIGKILL one listener."""
         child.kill()
         self.children.remove(child)
@@ -176,11 +98,7 @@ def fleet(
 ) -> Iterator[Fleet]:
     """Yield a Fleet running `extractor` from the tests directory; kill it after."""
     record = tmp_path / "calls.txt"
-    made = Fleet(
-        dsn,
-        ["--extractor", extractor, *options],
-        extractor_env(record) | env,
-    )
+    made = Fleet(dsn, extractor, list(options), extractor_env(record) | env)
     try:
         yield made
     finally:

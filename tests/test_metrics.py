@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import batch_row, make_batch
+from processes import ListenerProcess
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
@@ -196,72 +191,27 @@ def test_a_port_in_use_is_a_clear_error(dsn: str, metrics: Metrics) -> None:
 # A real `listener run --metrics-port` process.
 
 
-class RunningListener:
+class RunningListener(ListenerProcess):
     """A `python -m listener run --metrics-port 0` child; its log is collected."""
 
     def __init__(self, dsn: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "listener",
-                "run",
-                "--metrics-port",
-                "0",
-                "--metrics-host",
-                "127.0.0.1",
-                "--extractor",
-                "listener.extractors:noop",
-            ],
-            env=env | {"DATABASE_URL": dsn},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        super().__init__(
+            dsn,
+            "--metrics-port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            extractor="listener.extractors:noop",
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        port_line = self.wait_for_line(r"metrics and health checks on port (\d+)")
+        try:
+            port_line = self.wait_for_line(r"metrics and health checks on port (\d+)")
+        except BaseException:
+            self.kill()
+            raise
         self.port = int(port_line.group(1))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_line(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                left = deadline - time.monotonic()
-                assert left > 0 and self._reader.is_alive(), "\n".join(self.lines)
-                self._changed.wait(min(left, 0.1))
 
     def get(self, path: str) -> tuple[int, str, str]:
         return get(f"http://127.0.0.1:{self.port}{path}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-            self._reader.join(5)
-            assert self.process.stderr is not None
-            self.process.stderr.close()
-        return code
 
 
 def poll(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import functools
-import os
-import re
 import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -25,9 +20,9 @@ from helpers import (
     batch_row,
     extractor_env,
     make_batch,
-    recorded_calls,
     usage_of,
 )
+from processes import ListenerProcess
 from psycopg import sql
 
 from listener import Document, PermanentError
@@ -441,81 +436,6 @@ async def test_a_slow_extraction_keeps_its_lease_against_another_worker(
 # Real `listener run` processes.
 
 
-class ListenerProcess:
-    """A `python -m listener run` child in a process group of its own."""
-
-    def __init__(
-        self, dsn: str, *options: str, extractor: str, record: Path, **env: str
-    ) -> None:
-        child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        child_env |= extractor_env(record) | env | {"DATABASE_URL": dsn}
-        self.record = record
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "listener",
-                "run",
-                "--extractor",
-                f"extractors_for_tests:{extractor}",
-                *options,
-            ],
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_line(self, pattern: str, timeout: float = 20, after: int = 0) -> int:
-        """Return the index of the first log line from `after` on matching pattern."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for index in range(after, len(self.lines)):
-                    if regex.search(self.lines[index]):
-                        return index
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._reader.is_alive():
-                    raise AssertionError(
-                        f"no log line matching {pattern!r} within {timeout} s:\n"
-                        + "\n".join(self.lines[-30:])
-                    )
-                self._changed.wait(min(left, 0.1))
-
-    def wait_ready(self) -> None:
-        self.wait_for_line(r"listener \S+ ready on ")
-
-    def signal_group(self, signum: int) -> None:
-        os.killpg(self.process.pid, signum)
-
-    def exit_code(self, timeout: float = 20) -> int:
-        code = self.process.wait(timeout)
-        self._reader.join(5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        return code
-
-    def calls(self) -> list[tuple[str, int]]:
-        return recorded_calls(self.record)
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-
 @pytest.fixture
 def spawn(dsn: str, tmp_path: Path) -> Iterator[Callable[..., ListenerProcess]]:
     """Yield a factory of listener processes; kill whatever is left at the end."""
@@ -524,16 +444,18 @@ def spawn(dsn: str, tmp_path: Path) -> Iterator[Callable[..., ListenerProcess]]:
     def start(*options: str, extractor: str = "record", **env: str) -> ListenerProcess:
         record = tmp_path / f"calls-{len(started)}.txt"
         child = ListenerProcess(
-            dsn, *options, extractor=extractor, record=record, **env
+            dsn,
+            *options,
+            extractor=f"extractors_for_tests:{extractor}",
+            env=extractor_env(record) | env,
+            record=record,
         )
         started.append(child)
         return child
 
     yield start
     for child in started:
-        if child.process.poll() is None:
-            child.signal_group(signal.SIGKILL)
-        child.exit_code(timeout=10)
+        child.kill()
 
 
 def backends_killed(conn: Conn) -> int:
