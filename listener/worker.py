@@ -46,9 +46,12 @@ PREFETCH_CAP = 5000
 # The recording rate is measured over this many seconds.
 RATE_WINDOW = 1.0
 MIN_RATE_SPAN = 0.05
-# An extraction worker lets the other tasks run after this many claims taken
-# without waiting.
+# An extraction worker that takes claims without waiting lets the other tasks
+# (heartbeats, the LISTEN connection, claims) run after this many claims, or
+# sooner once this many seconds have passed: an async extractor that never
+# awaits does not hold up the event loop for 64 of its documents.
 YIELD_EVERY = 64
+YIELD_SECONDS = 0.005
 T = TypeVar("T")
 
 
@@ -97,6 +100,7 @@ class Engine:
         self._prefetch = prefetch
         self._recorded: deque[tuple[float, int]] = deque()
         self._taken = 0
+        self._yielded_at = time.monotonic()
         self._extractor = extractor
         self._on_retry = on_retry
         self._on_recorded = on_recorded
@@ -229,20 +233,26 @@ class Engine:
 
         Takes a waiting claim without a trip through the event loop, which
         would cost more than a cheap extraction, but still lets the other
-        tasks run every YIELD_EVERY claims.
+        tasks run every YIELD_EVERY claims or YIELD_SECONDS.
         """
         self._taken += 1
         try:
             claim = self._receive.receive_nowait()
         except anyio.WouldBlock:
             try:
-                return await self._receive.receive()
+                claim = await self._receive.receive()
             except anyio.EndOfStream:
                 return None
+            self._yielded_at = time.monotonic()
+            return claim
         except anyio.EndOfStream:
             return None
-        if self._taken % YIELD_EVERY == 0:
+        if (
+            self._taken % YIELD_EVERY == 0
+            or time.monotonic() - self._yielded_at > YIELD_SECONDS
+        ):
             await anyio.lowlevel.checkpoint()
+            self._yielded_at = time.monotonic()
         return claim
 
     async def _flush_forever(self) -> None:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 from helpers import make_batch, usage_of
 
 from listener import Document
+from listener.claim import Claim
 from listener.config import ProcessingSettings
 from listener.extractors import Extractor, noop
 from listener.service import Service
-from listener.worker import PREFETCH_CAP
+from listener.worker import PREFETCH_CAP, YIELD_SECONDS, Engine
 
 Conn = psycopg.Connection[Any]
 
@@ -116,3 +120,50 @@ async def test_an_extractor_that_has_finished_nothing_holds_twice_its_concurrenc
                 await anyio.sleep(0.02)
 
     assert usage_of(conn, "u1") == 100
+
+
+@pytest.mark.anyio
+async def test_a_worker_taking_queued_claims_lets_other_tasks_run_between_them() -> (
+    None
+):
+    """Claims taken without waiting still yield once YIELD_SECONDS have passed."""
+    engine = Engine(None, noop, ProcessingSettings(concurrency=1), "w")  # type: ignore[arg-type]
+    engine.submit([_claim() for _ in range(5)])
+    taken: list[Claim] = []
+    seen_by_other_task: list[int] = []
+
+    async def worker() -> None:
+        for _ in range(5):
+            claim = await engine._next_claim()
+            assert claim is not None
+            taken.append(claim)
+            # A document that blocks the event loop, longer than YIELD_SECONDS.
+            time.sleep(YIELD_SECONDS * 2)
+
+    async def other_task() -> None:
+        while len(taken) < 5:
+            seen_by_other_task.append(len(taken))
+            await anyio.lowlevel.checkpoint()
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(worker)
+            tasks.start_soon(other_task)
+    finally:
+        engine.close()
+
+    assert len(taken) == 5
+    assert {1, 2, 3, 4} <= set(seen_by_other_task)
+
+
+def _claim() -> Claim:
+    document = Document(
+        id=uuid.uuid4(),
+        batch_id=uuid.uuid4(),
+        user_id="u1",
+        file_name="a.txt",
+        content=b"",
+        storage_url=None,
+        attempt=1,
+    )
+    return Claim(document, uuid.uuid4(), datetime.now(UTC))
