@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import importlib
@@ -154,13 +155,16 @@ async def _await_within(coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
 
     The coroutine's first step runs at once: one that returns without
     suspending (a cache hit, a no-op) cannot run past the timeout, and skips
-    the cancel scope and timer that cost more than the extraction itself.
+    the timer that costs more than the extraction itself. The rest runs under
+    asyncio's own timeout, not an anyio cancel scope: a scope entered now would
+    sit inside any scope the extractor's first step entered (a task group, a
+    client's own timeout), and anyio refuses scopes that exit out of order.
     """
     try:
         suspended_on = coro.send(None)
     except StopIteration as done:
         return done.value
-    with anyio.fail_after(timeout):
+    async with asyncio.timeout(timeout):
         return await _resume(coro, suspended_on)
 
 

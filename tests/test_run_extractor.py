@@ -129,3 +129,28 @@ def test_each_document_gets_its_own_timeout(suspend: bool) -> None:
         return [await run_extractor(extract, _document(), 1) for _ in range(5)]
 
     assert [o.kind for o in anyio.run(main)] == ["completed"] * 5
+
+
+def test_an_extractor_with_its_own_cancel_scope_and_task_group_completes() -> None:
+    """Scopes the extractor enters in its first step must not clash with ours."""
+
+    async def extract(document: Document) -> dict[str, Any]:
+        with anyio.fail_after(5):
+            await anyio.sleep(0.01)
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.sleep, 0.01)
+        return {"ok": True}
+
+    assert _run(extract) == Outcome("completed", result_json=b'{"ok":true}')
+
+
+def test_an_extractor_hanging_inside_its_own_task_group_times_out() -> None:
+    async def extract(document: Document) -> dict[str, Any]:
+        async with anyio.create_task_group():
+            await anyio.sleep(60)
+        return {}
+
+    outcome = _run(extract, timeout=0.2)
+
+    assert outcome.kind == "error"
+    assert outcome.error == "extraction timed out after 0.2 s"
