@@ -421,7 +421,10 @@ def test_extractors_that_hang_raise_return_garbage_or_a_huge_result(
     assert codes == [0, 0]
     assert outcomes["doc"] == {("completed", 1): 20 * 46 + 20}
     assert outcomes["flaky"] == {("completed", 2): 20}
-    assert outcomes["huge"] == {("completed", 1): 3}
+    # On a loaded machine a 20 MB result can outlast its lease before its
+    # group commit starts; it is then retried, which is also correct.
+    assert sum(outcomes["huge"].values()) == 3
+    assert {status for status, _ in outcomes["huge"]} == {"completed"}
     assert outcomes["hang"] == {("failed", 2): 20}
     assert errors["hang"] == {"extraction timed out after 1 s"}
     assert outcomes["raise"] == {("failed", 2): 20}
