@@ -285,8 +285,9 @@ class Engine:
         for item in finished:
             if item.kind == "stale":
                 log.warning(
-                    "document %s: lease lost before its outcome was recorded; "
-                    "outcome dropped, nothing charged",
+                    "document %s: outcome refused, its lease is no longer ours "
+                    "(revoked or taken over, or already recorded by a retried "
+                    "call whose reply was lost); nothing charged twice",
                     item.document_id,
                     extra={"document_id": str(item.document_id)},
                 )
